@@ -1,0 +1,350 @@
+// CPU backend: Eigen maps over raw host buffers. Every primitive documented in
+// core/backend.hpp; workspace is sized once by reserve() so no primitive allocates.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include "kvevict/backends/cpu/host_buffer.hpp"
+#include "kvevict/core/backend.hpp"
+#include "kvevict/core/error.hpp"
+#include "kvevict/core/layer_view.hpp"
+#include "kvevict/core/memory_space.hpp"
+#include "kvevict/core/rope.hpp"
+#include "kvevict/core/shape.hpp"
+
+namespace kvevict {
+
+class CpuBackend {
+ public:
+  using memory_space = HostSpace;
+  template <class U>
+  using Buffer = cpu::HostBuffer<U>;
+
+  // Query rows per tile in the streaming column sums: the only T-sized scratch is
+  // kQueryTile x capacity floats, never T x T.
+  static constexpr std::int64_t kQueryTile = 64;
+
+  [[nodiscard]] const char* name() const noexcept { return "cpu"; }
+
+  template <class U>
+  [[nodiscard]] Buffer<U> allocate(std::int64_t n) const {
+    return Buffer<U>(n);
+  }
+  template <class U>
+  void copy_to_host(const U* src, U* dst, std::int64_t n) const {
+    if (n > 0) std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(U));
+  }
+  template <class U>
+  void copy_from_host(const U* src, U* dst, std::int64_t n) const {
+    if (n > 0) std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(U));
+  }
+
+  // Sizes the scratch every primitive may need for caches of this shape. Allocates; call once.
+  void reserve(const CacheShape& shape) {
+    const auto cap = static_cast<std::size_t>(shape.capacity);
+    if (tile_.size() < static_cast<std::size_t>(kQueryTile) * cap) tile_.assign(static_cast<std::size_t>(kQueryTile) * cap, 0.0f);
+    if (order_.size() < cap) order_.assign(cap, 0);
+    if (keep_mark_.size() < cap) keep_mark_.assign(cap, 0);
+    const auto half = static_cast<std::size_t>(shape.head_dim / 2 + 1);
+    if (rope_cos_.size() < half) {
+      rope_cos_.assign(half, 0.0);
+      rope_sin_.assign(half, 0.0);
+    }
+  }
+
+  [[nodiscard]] bool all_finite(const float* p, std::int64_t n) const noexcept {
+    bool ok = true;
+    for (std::int64_t i = 0; i < n; ++i) ok &= std::isfinite(p[i]);
+    return ok;
+  }
+
+  // Writes [kv_head, token, head_dim] source rows to slots lens[h] .. lens[h]+n-1.
+  void append(const LayerView<float>& v, const float* keys, const float* values, std::int64_t num_tokens,
+              std::int64_t first_pos) const {
+    const auto row_bytes = static_cast<std::size_t>(v.head_dim) * sizeof(float);
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t base = v.lens[h];
+      for (std::int64_t t = 0; t < num_tokens; ++t) {
+        const std::int64_t src = (h * num_tokens + t) * v.head_dim;
+        std::memcpy(v.key(h, base + t), keys + src, row_bytes);
+        std::memcpy(v.value(h, base + t), values + src, row_bytes);
+        v.head_positions(h)[base + t] = static_cast<std::int32_t>(first_pos + t);
+      }
+    }
+  }
+
+  // probs[qh, j] = softmax_j(q[qh] . K[qh/G, j] * scale) over the live slots, fp32.
+  void attention_probs(const LayerView<float>& v, const float* q, float scale, float* probs) const {
+    const std::int64_t g = v.group_size();
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      if (n == 0) continue;
+      auto k = keys_of(v, h);
+      ConstRowMap qg(q + h * g * v.head_dim, g, v.head_dim, Stride(v.head_dim, 1));
+      RowMap p(probs + h * g * v.capacity, g, n, Stride(v.capacity, 1));
+      p.noalias() = (qg * k.transpose()) * scale;
+      for (std::int64_t r = 0; r < g; ++r) softmax_in_place(probs + (h * g + r) * v.capacity, n);
+    }
+  }
+
+  // Reference attention: out[qh] = sum_j probs[qh, j] V[qh/G, j]; probs_ws gets the probabilities.
+  void attend(const LayerView<float>& v, const float* q, float scale, float* probs_ws, float* out) const {
+    attention_probs(v, q, scale, probs_ws);
+    const std::int64_t g = v.group_size();
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      RowMap o(out + h * g * v.head_dim, g, v.head_dim, Stride(v.head_dim, 1));
+      if (n == 0) {
+        o.setZero();
+        continue;
+      }
+      ConstRowMap p(probs_ws + h * g * v.capacity, g, n, Stride(v.capacity, 1));
+      o.noalias() = p * values_of(v, h);
+    }
+  }
+
+  // scores[qh, j] = (j < fresh_from[kv] ? scores[qh, j] : 0) + sum_i probs[qh, i, j]: H2O's rule
+  // that old entries accumulate and new ones start from their own column sums.
+  void accumulate_column_sums(const LayerView<float>& v, const float* probs, std::int64_t num_queries,
+                              std::int64_t probs_stride, float* scores, const std::int64_t* fresh_from) const {
+    const std::int64_t g = v.group_size();
+    for (std::int64_t qh = 0; qh < v.num_q_heads; ++qh) {
+      const std::int64_t h = qh / g;
+      const std::int64_t n = v.lens[h];
+      float* s = scores + qh * v.capacity;
+      for (std::int64_t j = std::max<std::int64_t>(0, fresh_from[h]); j < n; ++j) s[j] = 0.0f;
+      for (std::int64_t i = 0; i < num_queries; ++i) {
+        const float* row = probs + (qh * num_queries + i) * probs_stride;
+        for (std::int64_t j = 0; j < n; ++j) s[j] += row[j];
+      }
+    }
+  }
+
+  // The same accumulation from queries, streaming over tiles of kQueryTile rows: query i (position
+  // first_pos + i) sees the keys whose position <= first_pos + i. Never materialises T x T.
+  void accumulate_query_column_sums(const LayerView<float>& v, const float* queries, std::int64_t num_queries,
+                                    std::int64_t first_pos, float scale, float* scores,
+                                    const std::int64_t* fresh_from) {
+    const std::int64_t g = v.group_size();
+    for (std::int64_t qh = 0; qh < v.num_q_heads; ++qh) {
+      const std::int64_t h = qh / g;
+      const std::int64_t n = v.lens[h];
+      float* s = scores + qh * v.capacity;
+      for (std::int64_t j = std::max<std::int64_t>(0, fresh_from[h]); j < n; ++j) s[j] = 0.0f;
+      if (n == 0) continue;
+      auto k = keys_of(v, h);
+      const std::int32_t* pos = v.head_positions(h);
+      for (std::int64_t i0 = 0; i0 < num_queries; i0 += kQueryTile) {
+        const std::int64_t rows = std::min(kQueryTile, num_queries - i0);
+        ConstRowMap qt(queries + (qh * num_queries + i0) * v.head_dim, rows, v.head_dim, Stride(v.head_dim, 1));
+        RowMap logits(tile_.data(), rows, n, Stride(n, 1));
+        logits.noalias() = (qt * k.transpose()) * scale;
+        for (std::int64_t r = 0; r < rows; ++r) {
+          float* row = tile_.data() + r * n;
+          const std::int64_t qpos = first_pos + i0 + r;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (std::int64_t j = 0; j < n; ++j)
+            if (pos[j] <= qpos) mx = std::max(mx, row[j]);
+          if (mx == -std::numeric_limits<float>::infinity()) continue;  // sees no key
+          float sum = 0.0f;
+          for (std::int64_t j = 0; j < n; ++j) {
+            const float e = pos[j] <= qpos ? std::exp(row[j] - mx) : 0.0f;
+            row[j] = e;
+            sum += e;
+          }
+          const float inv = 1.0f / sum;
+          for (std::int64_t j = 0; j < n; ++j) s[j] += row[j] * inv;
+        }
+      }
+    }
+  }
+
+  // out[kv, j] = agg over the group's q-heads of in[qh, j], for the live slots.
+  void group_reduce(const LayerView<float>& v, const float* in, float* out, GroupAgg agg) const {
+    const std::int64_t g = v.group_size();
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      float* o = out + h * v.capacity;
+      const float* first = in + h * g * v.capacity;
+      std::copy(first, first + n, o);
+      for (std::int64_t r = 1; r < g; ++r) {
+        const float* row = first + r * v.capacity;
+        if (agg == GroupAgg::max)
+          for (std::int64_t j = 0; j < n; ++j) o[j] = std::max(o[j], row[j]);
+        else
+          for (std::int64_t j = 0; j < n; ++j) o[j] += row[j];
+      }
+      if (agg == GroupAgg::mean && g > 1) {
+        const float inv = 1.0f / static_cast<float>(g);
+        for (std::int64_t j = 0; j < n; ++j) o[j] *= inv;
+      }
+    }
+  }
+
+  // victims[h] = the unprotected slot that ranks last by (score desc, position asc): the lowest
+  // score, ties to the newest position. With scores == nullptr: the oldest unprotected entry.
+  // -1 where a head has no unprotected entry.
+  void select_victims(const LayerView<float>& v, const float* scores, ProtectRule rule, std::int32_t* victims) const {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      const std::int32_t* pos = v.head_positions(h);
+      const float* s = scores != nullptr ? scores + h * v.capacity : nullptr;
+      std::int32_t best = -1;
+      for (std::int64_t j = 0; j < n; ++j) {
+        if (rule.protects(pos[j])) continue;
+        if (best < 0) {
+          best = static_cast<std::int32_t>(j);
+          continue;
+        }
+        const bool worse = s != nullptr ? (s[j] < s[best] || (s[j] == s[best] && pos[j] > pos[best])) : pos[j] < pos[best];
+        if (worse) best = static_cast<std::int32_t>(j);
+      }
+      victims[h] = best;
+    }
+  }
+
+  // Moves slot lens[h]-1 into victims[h] (K, V, position, extras). Checks every victim first, so
+  // a bad plan throws before anything moves.
+  void replace_with_last(const LayerView<float>& v, const std::int32_t* victims, std::span<const SlotExtra> extras) const {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h)
+      if (victims[h] < 0 || victims[h] >= v.lens[h])
+        detail::fail<ArgumentError>("CpuBackend::replace_with_last", "victims[" + std::to_string(h) + "]", victims[h],
+                                    "must be a live slot in [0, " + std::to_string(v.lens[h]) + ")");
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t last = v.lens[h] - 1;
+      const std::int64_t dst = victims[h];
+      if (dst != last) move_slot(v, extras, h, last, dst);
+    }
+  }
+
+  // keep_slots[h, :keep_count[h]] = every protected slot plus the best unprotected ones by
+  // (score desc, position asc), listed in ascending slot order. scores == nullptr ranks by
+  // recency (newest first). Throws BudgetError if the protected entries alone exceed keep_count.
+  void select_topk(const LayerView<float>& v, const float* scores, ProtectRule rule, const std::int64_t* keep_count,
+                   std::int32_t* keep_slots) {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      const std::int64_t k = std::min(keep_count[h], n);
+      std::int32_t* out = keep_slots + h * v.capacity;
+      const std::int32_t* pos = v.head_positions(h);
+      const float* s = scores != nullptr ? scores + h * v.capacity : nullptr;
+      std::int64_t num_candidates = 0, num_protected = 0;
+      for (std::int64_t j = 0; j < n; ++j) {
+        const bool prot = rule.protects(pos[j]);
+        keep_mark_[static_cast<std::size_t>(j)] = prot ? 1 : 0;
+        if (prot)
+          ++num_protected;
+        else
+          order_[static_cast<std::size_t>(num_candidates++)] = static_cast<std::int32_t>(j);
+      }
+      const std::int64_t need = k - num_protected;
+      if (need < 0)
+        detail::fail<BudgetError>("select_topk", "keep_count[" + std::to_string(h) + "]", k,
+                                  "is smaller than the " + std::to_string(num_protected) + " protected entries");
+      auto before = [&](std::int32_t a, std::int32_t b) {
+        if (s == nullptr) return pos[a] > pos[b];
+        return s[a] > s[b] || (s[a] == s[b] && pos[a] < pos[b]);
+      };
+      auto* first = order_.data();
+      if (need < num_candidates) std::nth_element(first, first + need, first + num_candidates, before);
+      for (std::int64_t i = 0; i < std::min(need, num_candidates); ++i) keep_mark_[static_cast<std::size_t>(order_[static_cast<std::size_t>(i)])] = 1;
+      std::int64_t w = 0;
+      for (std::int64_t j = 0; j < n; ++j)
+        if (keep_mark_[static_cast<std::size_t>(j)] != 0) out[w++] = static_cast<std::int32_t>(j);
+    }
+  }
+
+  // Stable in-place gather: slot keep_slots[h, i] moves to slot i. Ascending keep slots make the
+  // forward copy safe (source >= destination).
+  void compact(const LayerView<float>& v, const std::int32_t* keep_slots, const std::int64_t* keep_count,
+               std::span<const SlotExtra> extras) const {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int32_t* keep = keep_slots + h * v.capacity;
+      for (std::int64_t i = 0; i < keep_count[h]; ++i)
+        if (keep[i] != i) move_slot(v, extras, h, keep[i], i);
+    }
+  }
+
+  // Rotates every live key whose position >= min_position by `delta` positions (RoPE is a
+  // rotation, so RoPE(p) followed by this equals RoPE(p + delta)).
+  void rotate_keys(const LayerView<float>& v, std::int64_t min_position, std::int64_t delta, const RopeSpec& rope) {
+    if (delta == 0) return;
+    const std::int64_t half = rope.rotary_dim / 2;
+    for (std::int64_t i = 0; i < half; ++i) {
+      const double inv_freq = std::pow(rope.base, -2.0 * static_cast<double>(i) / static_cast<double>(rope.rotary_dim));
+      const double angle = static_cast<double>(delta) * inv_freq;
+      rope_cos_[static_cast<std::size_t>(i)] = std::cos(angle);
+      rope_sin_[static_cast<std::size_t>(i)] = std::sin(angle);
+    }
+    const bool interleaved = rope.layout == RopeLayout::interleaved_pairs;
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int32_t* pos = v.head_positions(h);
+      for (std::int64_t j = 0; j < v.lens[h]; ++j) {
+        if (pos[j] < min_position) continue;
+        float* k = v.key(h, j);
+        for (std::int64_t i = 0; i < half; ++i) {
+          const std::int64_t a = interleaved ? 2 * i : i;
+          const std::int64_t b = interleaved ? 2 * i + 1 : i + half;
+          const double c = rope_cos_[static_cast<std::size_t>(i)], sn = rope_sin_[static_cast<std::size_t>(i)];
+          const double x = k[a], y = k[b];
+          k[a] = static_cast<float>(x * c - y * sn);
+          k[b] = static_cast<float>(x * sn + y * c);
+        }
+      }
+    }
+  }
+
+ private:
+  using Stride = Eigen::Stride<Eigen::Dynamic, 1>;
+  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using RowMap = Eigen::Map<RowMatrix, Eigen::Unaligned, Stride>;
+  using ConstRowMap = Eigen::Map<const RowMatrix, Eigen::Unaligned, Stride>;
+
+  static ConstRowMap keys_of(const LayerView<float>& v, std::int64_t h) {
+    return ConstRowMap(v.key(h, 0), v.lens[h], v.head_dim, Stride(v.slot_stride, 1));
+  }
+  static ConstRowMap values_of(const LayerView<float>& v, std::int64_t h) {
+    return ConstRowMap(v.value(h, 0), v.lens[h], v.head_dim, Stride(v.slot_stride, 1));
+  }
+
+  static void softmax_in_place(float* row, std::int64_t n) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (std::int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) {
+      row[j] = std::exp(row[j] - mx);
+      sum += row[j];
+    }
+    const float inv = 1.0f / sum;
+    for (std::int64_t j = 0; j < n; ++j) row[j] *= inv;
+  }
+
+  static void move_slot(const LayerView<float>& v, std::span<const SlotExtra> extras, std::int64_t h, std::int64_t src,
+                        std::int64_t dst) {
+    const auto row_bytes = static_cast<std::size_t>(v.head_dim) * sizeof(float);
+    std::memcpy(v.key(h, dst), v.key(h, src), row_bytes);
+    std::memcpy(v.value(h, dst), v.value(h, src), row_bytes);
+    v.head_positions(h)[dst] = v.head_positions(h)[src];
+    for (const SlotExtra& e : extras)
+      for (std::int64_t r = 0; r < e.rows_per_kv_head; ++r) {
+        float* row = e.data + (h * e.rows_per_kv_head + r) * v.capacity;
+        row[dst] = row[src];
+      }
+  }
+
+  std::vector<float> tile_;            // [kQueryTile, capacity] logits of one query tile
+  std::vector<std::int32_t> order_;    // [capacity] candidate slots for top-k
+  std::vector<std::uint8_t> keep_mark_;  // [capacity] kept flags
+  std::vector<double> rope_cos_, rope_sin_;  // [head_dim / 2]
+};
+
+static_assert(Backend<CpuBackend>, "CpuBackend must satisfy the kvevict::Backend concept");
+
+}  // namespace kvevict

@@ -1,0 +1,52 @@
+// The Backend concept: memory placement plus the primitives every policy is written against.
+// Each requirement sits on its own line so a compiler error names the missing piece.
+#pragma once
+
+#include <concepts>
+#include <cstdint>
+#include <span>
+
+#include "kvevict/core/layer_view.hpp"
+#include "kvevict/core/rope.hpp"
+#include "kvevict/core/shape.hpp"
+
+namespace kvevict {
+
+// Conventions shared by all primitives (documented once here, implemented by each backend):
+// - `q` blocks are [q_head, query, head_dim]; q-head h reads kv-head h / group_size.
+// - probabilities and q-head scores are [q_head, capacity] (decode) or [q_head, query, stride]
+//   (a block), slot-aligned with the cache; kv-head scores are [kv_head, capacity].
+// - softmax and every accumulation run in fp32.
+// - selections rank by (score desc, position asc); victims are the last entry of that order.
+// - no primitive allocates: workspace is sized once by reserve(shape).
+template <class B>
+concept Backend =
+    std::copy_constructible<B> &&
+    requires { typename B::memory_space; } &&
+    requires { typename B::template Buffer<float>; } &&
+    requires(B& b, const B& cb, const CacheShape& shape, const LayerView<float>& v, const float* cq,
+             float* f, std::int32_t* i32, const std::int32_t* ci32, const std::int64_t* ci64,
+             std::span<const SlotExtra> extras, ProtectRule rule, GroupAgg agg, RopeSpec rope,
+             std::int64_t n, float x) {
+      { cb.name() } -> std::convertible_to<const char*>;
+      { b.template allocate<float>(n) } -> std::same_as<typename B::template Buffer<float>>;
+      b.reserve(shape);
+      b.copy_to_host(cq, f, n);
+      b.copy_from_host(cq, f, n);
+      b.copy_to_host(ci32, i32, n);
+      b.copy_from_host(ci32, i32, n);
+      { b.all_finite(cq, n) } -> std::same_as<bool>;
+      b.append(v, cq, cq, n, n);
+      b.attention_probs(v, cq, x, f);
+      b.attend(v, cq, x, f, f);
+      b.accumulate_column_sums(v, cq, n, n, f, ci64);
+      b.accumulate_query_column_sums(v, cq, n, n, x, f, ci64);
+      b.group_reduce(v, cq, f, agg);
+      b.select_victims(v, cq, rule, i32);
+      b.replace_with_last(v, ci32, extras);
+      b.select_topk(v, cq, rule, ci64, i32);
+      b.compact(v, ci32, ci64, extras);
+      b.rotate_keys(v, n, n, rope);
+    };
+
+}  // namespace kvevict

@@ -1,0 +1,2 @@
+// placeholder replaced by the golden replay work
+int main() { return 2; }
