@@ -13,4 +13,7 @@
 #include "kvevict/core/rope.hpp"
 #include "kvevict/core/shape.hpp"
 #include "kvevict/policies/h2o.hpp"
+#include "kvevict/policies/key_policies.hpp"
+#include "kvevict/policies/snapkv.hpp"
 #include "kvevict/policies/streaming_llm.hpp"
+#include "kvevict/policies/tova.hpp"

@@ -50,3 +50,26 @@ concept Backend =
     };
 
 }  // namespace kvevict
+
+namespace kvevict {
+
+// The primitives of observation-window policies (SnapKV, PyramidKV, TOVA, Knorm, KeyDiff,
+// per-head budgets), on top of Backend. A separate concept so a backend can be adopted before it
+// implements them; policies that need them constrain on this one.
+template <class B>
+concept WindowScoringBackend =
+    Backend<B> &&
+    requires(B& b, const LayerView<float>& v, const float* cq, float* f, const std::int64_t* ci64, std::int64_t* i64,
+             ProtectRule rule, PoolKind pool, std::int64_t n, float x) {
+      b.copy_within(cq, f, n);
+      b.window_column_stats(v, cq, n, n, x, f, f);
+      b.window_column_stats_from_probs(v, cq, n, n, f, f);
+      b.pool_tokens(v, cq, f, n, ci64, n, pool);
+      b.layer_mean(v, cq, f);
+      b.key_norm_scores(v, f);
+      b.key_diff_scores(v, f);
+      b.raise_protected(v, f, rule);
+      b.head_budgets(v, cq, rule, n, n, i64);
+    };
+
+}  // namespace kvevict

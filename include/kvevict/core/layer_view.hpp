@@ -51,6 +51,10 @@ struct ProtectRule {
   }
 };
 
+// 1-D pooling over the token axis (stride 1, padding kernel/2, odd kernel): avg zero-pads and
+// divides by the kernel (PyTorch count_include_pad=True); max ignores padding.
+enum class PoolKind { avg, max };
+
 // How the scores of the q-heads of one GQA group become one kv-head score.
 enum class GroupAgg { mean, max, sum };
 

@@ -42,8 +42,8 @@ class H2O : public TopKEvictionPolicy<Cache, AccumulatedAttentionScorer<Cache>> 
  public:
   H2O(Cache& cache, const H2OConfig& cfg)
       : Base(cache, "h2o", AccumulatedAttentionScorer<Cache>(cache, cfg.group_agg),
-             UniformBudget{cfg.num_heavy + cfg.num_recent}, SinkRecentSelector{0, cfg.num_recent}, cfg.schedule,
-             std::nullopt) {
+             UniformBudget{cfg.num_heavy + cfg.num_recent}, SinkRecentSelector{0, cfg.num_recent},
+             EvictionOptions{.schedule = cfg.schedule}) {
     if (cfg.num_heavy < 0) detail::fail<ArgumentError>("H2O (constructor)", "num_heavy", cfg.num_heavy, "must be >= 0");
   }
 };

@@ -52,7 +52,7 @@ class StreamingLLM : public TopKEvictionPolicy<Cache, NoScorer<Cache>> {
  public:
   StreamingLLM(Cache& cache, const StreamingLLMConfig& cfg)
       : Base(cache, "streaming_llm", NoScorer<Cache>(cache), UniformBudget{cfg.num_sink + cfg.num_recent},
-             SinkRecentSelector{cfg.num_sink, cfg.num_recent}, cfg.schedule, cfg.pos_shift) {}
+             SinkRecentSelector{cfg.num_sink, cfg.num_recent}, EvictionOptions{.schedule = cfg.schedule, .pos_shift = cfg.pos_shift}) {}
 };
 
 }  // namespace kvevict

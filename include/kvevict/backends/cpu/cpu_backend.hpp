@@ -52,6 +52,8 @@ class CpuBackend {
     if (tile_.size() < static_cast<std::size_t>(kQueryTile) * cap) tile_.assign(static_cast<std::size_t>(kQueryTile) * cap, 0.0f);
     if (order_.size() < cap) order_.assign(cap, 0);
     if (keep_mark_.size() < cap) keep_mark_.assign(cap, 0);
+    const auto layer_entries = static_cast<std::size_t>(shape.num_kv_heads) * cap;
+    if (layer_pool_.size() < layer_entries) layer_pool_.assign(layer_entries, PoolEntry{});
     const auto half = static_cast<std::size_t>(shape.head_dim / 2 + 1);
     if (rope_cos_.size() < half) {
       rope_cos_.assign(half, 0.0);
@@ -148,19 +150,8 @@ class CpuBackend {
         logits.noalias() = (qt * k.transpose()) * scale;
         for (std::int64_t r = 0; r < rows; ++r) {
           float* row = tile_.data() + r * n;
-          const std::int64_t qpos = first_pos + i0 + r;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (std::int64_t j = 0; j < n; ++j)
-            if (pos[j] <= qpos) mx = std::max(mx, row[j]);
-          if (mx == -std::numeric_limits<float>::infinity()) continue;  // sees no key
-          float sum = 0.0f;
-          for (std::int64_t j = 0; j < n; ++j) {
-            const float e = pos[j] <= qpos ? std::exp(row[j] - mx) : 0.0f;
-            row[j] = e;
-            sum += e;
-          }
-          const float inv = 1.0f / sum;
-          for (std::int64_t j = 0; j < n; ++j) s[j] += row[j] * inv;
+          if (!masked_softmax(row, pos, n, first_pos + i0 + r)) continue;  // sees no key
+          for (std::int64_t j = 0; j < n; ++j) s[j] += row[j];
         }
       }
     }
@@ -301,7 +292,217 @@ class CpuBackend {
     }
   }
 
+  // ---- Observation-window primitives (WindowScoringBackend) ----
+
+  // Copies n floats within backend memory; the ranges may overlap (memmove).
+  void copy_within(const float* src, float* dst, std::int64_t n) const {
+    if (n > 0) std::memmove(dst, src, static_cast<std::size_t>(n) * sizeof(float));
+  }
+
+  // Window statistics from queries: sums[qh, j] = sum_i p_i(j) and, when sumsq != nullptr,
+  // sumsq[qh, j] = sum_i p_i(j)^2, where p_i is query i's fp32 softmax over the keys it sees
+  // (position <= first_pos + i). Overwrites both outputs for the live slots. Streams over tiles.
+  void window_column_stats(const LayerView<float>& v, const float* queries, std::int64_t num_queries,
+                           std::int64_t first_pos, float scale, float* sums, float* sumsq) {
+    const std::int64_t g = v.group_size();
+    for (std::int64_t qh = 0; qh < v.num_q_heads; ++qh) {
+      const std::int64_t h = qh / g;
+      const std::int64_t n = v.lens[h];
+      float* s = sums + qh * v.capacity;
+      float* sq = sumsq != nullptr ? sumsq + qh * v.capacity : nullptr;
+      std::fill(s, s + n, 0.0f);
+      if (sq != nullptr) std::fill(sq, sq + n, 0.0f);
+      if (n == 0) continue;
+      auto k = keys_of(v, h);
+      const std::int32_t* pos = v.head_positions(h);
+      for (std::int64_t i0 = 0; i0 < num_queries; i0 += kQueryTile) {
+        const std::int64_t rows = std::min(kQueryTile, num_queries - i0);
+        ConstRowMap qt(queries + (qh * num_queries + i0) * v.head_dim, rows, v.head_dim, Stride(v.head_dim, 1));
+        RowMap logits(tile_.data(), rows, n, Stride(n, 1));
+        logits.noalias() = (qt * k.transpose()) * scale;
+        for (std::int64_t r = 0; r < rows; ++r) {
+          float* row = tile_.data() + r * n;
+          if (!masked_softmax(row, pos, n, first_pos + i0 + r)) continue;
+          for (std::int64_t j = 0; j < n; ++j) s[j] += row[j];
+          if (sq != nullptr)
+            for (std::int64_t j = 0; j < n; ++j) sq[j] += row[j] * row[j];
+        }
+      }
+    }
+  }
+
+  // The same statistics from engine-supplied probabilities [q_head, num_queries, probs_stride].
+  void window_column_stats_from_probs(const LayerView<float>& v, const float* probs, std::int64_t num_queries,
+                                      std::int64_t probs_stride, float* sums, float* sumsq) const {
+    const std::int64_t g = v.group_size();
+    for (std::int64_t qh = 0; qh < v.num_q_heads; ++qh) {
+      const std::int64_t n = v.lens[qh / g];
+      float* s = sums + qh * v.capacity;
+      float* sq = sumsq != nullptr ? sumsq + qh * v.capacity : nullptr;
+      std::fill(s, s + n, 0.0f);
+      if (sq != nullptr) std::fill(sq, sq + n, 0.0f);
+      for (std::int64_t i = 0; i < num_queries; ++i) {
+        const float* row = probs + (qh * num_queries + i) * probs_stride;
+        for (std::int64_t j = 0; j < n; ++j) s[j] += row[j];
+        if (sq != nullptr)
+          for (std::int64_t j = 0; j < n; ++j) sq[j] += row[j] * row[j];
+      }
+    }
+  }
+
+  // out[r, j] = pool over in[r, j - k/2 .. j + k/2] restricted to slots [0, span[h]) of each row r
+  // (rows_per_kv_head rows per kv-head; slots are in position order, as bulk compaction keeps
+  // them). Slots >= span are copied through. Odd kernel (checked by the policy).
+  void pool_tokens(const LayerView<float>& v, const float* in, float* out, std::int64_t rows_per_kv_head,
+                   const std::int64_t* span, std::int64_t kernel, PoolKind kind) const {
+    const std::int64_t r = kernel / 2;
+    const float inv_k = 1.0f / static_cast<float>(kernel);
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      const std::int64_t m = std::min(span[h], n);
+      for (std::int64_t row = 0; row < rows_per_kv_head; ++row) {
+        const float* x = in + (h * rows_per_kv_head + row) * v.capacity;
+        float* y = out + (h * rows_per_kv_head + row) * v.capacity;
+        for (std::int64_t j = 0; j < m; ++j) {
+          const std::int64_t lo = std::max<std::int64_t>(0, j - r), hi = std::min(m - 1, j + r);
+          if (kind == PoolKind::avg) {
+            float acc = 0.0f;
+            for (std::int64_t t = lo; t <= hi; ++t) acc += x[t];
+            y[j] = acc * inv_k;
+          } else {
+            float mx = x[lo];
+            for (std::int64_t t = lo + 1; t <= hi; ++t) mx = std::max(mx, x[t]);
+            y[j] = mx;
+          }
+        }
+        std::copy(x + m, x + n, y + m);
+      }
+    }
+  }
+
+  // out[h, j] = mean over ALL q-heads of in[qh, j] (TOVA's layer-level score), written to every
+  // kv-head row. Needs every kv-head to share its slot-to-position map (TOVA keeps them equal).
+  void layer_mean(const LayerView<float>& v, const float* in, float* out) const {
+    const std::int64_t n = v.lens[0];
+    float* o = out;
+    std::fill(o, o + n, 0.0f);
+    for (std::int64_t qh = 0; qh < v.num_q_heads; ++qh) {
+      const float* row = in + qh * v.capacity;
+      for (std::int64_t j = 0; j < n; ++j) o[j] += row[j];
+    }
+    const float inv = 1.0f / static_cast<float>(v.num_q_heads);
+    for (std::int64_t j = 0; j < n; ++j) o[j] *= inv;
+    for (std::int64_t h = 1; h < v.num_kv_heads; ++h) std::copy(o, o + n, out + h * v.capacity);
+  }
+
+  // out[h, j] = -||k_j||_2 (Knorm keeps the lowest-norm keys).
+  void key_norm_scores(const LayerView<float>& v, float* out) const {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      if (n == 0) continue;
+      Eigen::Map<Eigen::VectorXf> o(out + h * v.capacity, n);
+      o = -keys_of(v, h).rowwise().norm();
+    }
+  }
+
+  // out[h, j] = -cos(k_j, a) with a = mean_j k_j / max(||k_j||, 1e-12) (KeyDiff; torch's
+  // F.normalize and cosine_similarity epsilons).
+  void key_diff_scores(const LayerView<float>& v, float* out) const {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      if (n == 0) continue;
+      auto k = keys_of(v, h);
+      Eigen::Map<Eigen::VectorXf> o(out + h * v.capacity, n);
+      o = k.rowwise().norm();  // norms first, reused below
+      Eigen::RowVectorXf anchor = Eigen::RowVectorXf::Zero(v.head_dim);
+      for (std::int64_t j = 0; j < n; ++j) anchor += k.row(j) / std::max(o[j], 1e-12f);
+      anchor /= static_cast<float>(n);
+      const float anchor_norm = anchor.norm();
+      for (std::int64_t j = 0; j < n; ++j) {
+        const float denom = std::max(o[j], 1e-8f) * std::max(anchor_norm, 1e-8f);
+        o[j] = -(k.row(j).dot(anchor)) / denom;
+      }
+    }
+  }
+
+  // kvpress's window padding: every protected entry's score becomes max(unprotected) + 1, so a
+  // plain top-k keeps protected entries first (ties among them by position).
+  void raise_protected(const LayerView<float>& v, float* scores, ProtectRule rule) const {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      const std::int32_t* pos = v.head_positions(h);
+      float* s = scores + h * v.capacity;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (std::int64_t j = 0; j < n; ++j)
+        if (!rule.protects(pos[j])) mx = std::max(mx, s[j]);
+      if (mx == -std::numeric_limits<float>::infinity()) mx = 0.0f;
+      for (std::int64_t j = 0; j < n; ++j)
+        if (rule.protects(pos[j])) s[j] = mx + 1.0f;
+    }
+  }
+
+  // AdaKV-style allocation of one layer's budget across kv-heads: each head first keeps its best
+  // min(floor, candidates) unprotected entries, then the remaining `total - sum(floors)` go to
+  // the best remaining entries of the whole layer, ranked by (score desc, position asc, head
+  // asc). Writes counts[h] = protected entries of head h + its unprotected allocation (host):
+  // the keep_count a select_topk call then honours.
+  void head_budgets(const LayerView<float>& v, const float* scores, ProtectRule rule, std::int64_t total,
+                    std::int64_t floor, std::int64_t* counts) {
+    std::int64_t pool_size = 0, assigned = 0;
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      const std::int32_t* pos = v.head_positions(h);
+      const float* s = scores + h * v.capacity;
+      std::int64_t c = 0;
+      for (std::int64_t j = 0; j < n; ++j)
+        if (!rule.protects(pos[j])) order_[static_cast<std::size_t>(c++)] = static_cast<std::int32_t>(j);
+      const std::int64_t num_protected = n - c;
+      const std::int64_t f = std::min(floor, c);
+      auto before = [&](std::int32_t a, std::int32_t b) { return s[a] > s[b] || (s[a] == s[b] && pos[a] < pos[b]); };
+      if (f < c) std::nth_element(order_.data(), order_.data() + f, order_.data() + c, before);
+      counts[h] = num_protected + f;
+      assigned += f;
+      for (std::int64_t i = f; i < c; ++i) {
+        const std::int32_t j = order_[static_cast<std::size_t>(i)];
+        layer_pool_[static_cast<std::size_t>(pool_size++)] = {s[j], pos[j], static_cast<std::int32_t>(h)};
+      }
+    }
+    const std::int64_t rest = std::clamp<std::int64_t>(total - assigned, 0, pool_size);
+    auto first = layer_pool_.begin();
+    auto before = [](const PoolEntry& a, const PoolEntry& b) {
+      if (a.score != b.score) return a.score > b.score;
+      if (a.pos != b.pos) return a.pos < b.pos;
+      return a.head < b.head;
+    };
+    if (rest < pool_size) std::nth_element(first, first + rest, first + pool_size, before);
+    for (std::int64_t i = 0; i < rest; ++i) counts[layer_pool_[static_cast<std::size_t>(i)].head] += 1;
+  }
+
  private:
+  struct PoolEntry {
+    float score;
+    std::int32_t pos;
+    std::int32_t head;
+  };
+
+  // Softmax of one logit row over the keys with position <= qpos; masked entries become 0.
+  // Returns false when the query sees no key.
+  static bool masked_softmax(float* row, const std::int32_t* pos, std::int64_t n, std::int64_t qpos) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (std::int64_t j = 0; j < n; ++j)
+      if (pos[j] <= qpos) mx = std::max(mx, row[j]);
+    if (mx == -std::numeric_limits<float>::infinity()) return false;
+    float sum = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) {
+      const float e = pos[j] <= qpos ? std::exp(row[j] - mx) : 0.0f;
+      row[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+    for (std::int64_t j = 0; j < n; ++j) row[j] *= inv;
+    return true;
+  }
+
   using Stride = Eigen::Stride<Eigen::Dynamic, 1>;
   using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using RowMap = Eigen::Map<RowMatrix, Eigen::Unaligned, Stride>;
@@ -343,8 +544,10 @@ class CpuBackend {
   std::vector<std::int32_t> order_;    // [capacity] candidate slots for top-k
   std::vector<std::uint8_t> keep_mark_;  // [capacity] kept flags
   std::vector<double> rope_cos_, rope_sin_;  // [head_dim / 2]
+  std::vector<PoolEntry> layer_pool_;  // [kv_head * capacity] candidates of head_budgets
 };
 
 static_assert(Backend<CpuBackend>, "CpuBackend must satisfy the kvevict::Backend concept");
+static_assert(WindowScoringBackend<CpuBackend>, "CpuBackend must satisfy kvevict::WindowScoringBackend");
 
 }  // namespace kvevict

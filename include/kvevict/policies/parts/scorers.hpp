@@ -18,8 +18,9 @@ class NoScorer {
  public:
   explicit NoScorer(Cache& /*cache*/) {}
   static constexpr bool needs_observation = false;
-  void observe(Cache&, std::int64_t, const Observation<typename Cache::value_type, typename Cache::memory_space>&) {}
-  [[nodiscard]] const float* kv_scores(Cache&, std::int64_t) { return nullptr; }
+  template <class Obs, class PhaseT>
+  void observe(Cache&, std::int64_t, const Obs&, PhaseT) {}
+  [[nodiscard]] float* kv_scores(Cache&, std::int64_t) { return nullptr; }
   [[nodiscard]] std::span<const SlotExtra> extras(std::int64_t) const { return {}; }
   void after_eviction(const Cache&, std::int64_t) {}
   [[nodiscard]] std::int64_t state_bytes() const noexcept { return 0; }
@@ -45,8 +46,9 @@ class AccumulatedAttentionScorer {
     kv_heads_ = s.num_kv_heads;
   }
 
+  template <class PhaseT>
   void observe(Cache& cache, std::int64_t layer,
-               const Observation<typename Cache::value_type, typename Cache::memory_space>& obs) {
+               const Observation<typename Cache::value_type, typename Cache::memory_space>& obs, PhaseT) {
     auto v = cache.view(layer);
     const std::int64_t* fresh = scored_len_.data() + layer * kv_heads_;
     float* s = layer_scores(layer);
@@ -61,7 +63,7 @@ class AccumulatedAttentionScorer {
   }
 
   // Group-aggregated scores of one layer, [kv_head, capacity]; valid until the next call.
-  [[nodiscard]] const float* kv_scores(Cache& cache, std::int64_t layer) {
+  [[nodiscard]] float* kv_scores(Cache& cache, std::int64_t layer) {
     cache.backend().group_reduce(cache.view(layer), layer_scores(layer), kv_scores_.data(), agg_);
     return kv_scores_.data();
   }

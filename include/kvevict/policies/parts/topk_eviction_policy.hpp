@@ -1,7 +1,8 @@
-// The composition every score-and-select policy shares: a Scorer, a UniformBudget, a
-// SinkRecentSelector and a Schedule, plus optional position re-indexing (StreamingLLM pos-shift).
-// Named policies (H2O, StreamingLLM) are thin types over it. No virtual calls; no allocation
-// after construction.
+// The composition every score-and-select policy shares: a Scorer, a Budget, a
+// SinkRecentSelector and a Schedule, plus options: position re-indexing (StreamingLLM pos-shift),
+// kvpress-style padding of protected scores, and AdaKV-style per-head budgets. Named policies
+// (H2O, StreamingLLM, SnapKV, ...) are thin types over it. No virtual calls; no allocation after
+// construction.
 #pragma once
 
 #include <algorithm>
@@ -23,48 +24,83 @@
 
 namespace kvevict {
 
-template <class Cache, class Scorer>
+// Which phase an observation belongs to; scorers that buffer decode queries need to know.
+enum class Phase { prefill, decode };
+
+// AdaKV-style allocation: a layer's unprotected budget (heads x per-head budget) goes to the
+// best entries of the whole layer, each head keeping at least floor_alpha of its share, so
+// heads end up with different lengths in memory.
+struct HeadAllocation {
+  bool adaptive = false;
+  double floor_alpha = 0.2;
+};
+
+struct EvictionOptions {
+  Schedule schedule = Schedule::prefill_and_every_step;
+  std::int64_t decode_interval = 1;     // for Schedule::prefill_and_every_n_steps
+  std::optional<RopeSpec> pos_shift{};  // re-index positions inside the cache (StreamingLLM)
+  bool pad_protected_scores = false;    // kvpress: protected entries score max + 1, none is forced
+  HeadAllocation head_allocation{};
+};
+
+template <class Cache, class Scorer, class Budget = UniformBudget>
 class TopKEvictionPolicy {
  public:
   using cache_type = Cache;
   using Obs = Observation<typename Cache::value_type, typename Cache::memory_space>;
 
   // Validates the configuration against the cache's shape and allocates all state, once.
-  TopKEvictionPolicy(Cache& cache, std::string name, Scorer scorer, UniformBudget budget, SinkRecentSelector selector,
-                     Schedule schedule, std::optional<RopeSpec> pos_shift)
+  TopKEvictionPolicy(Cache& cache, std::string name, Scorer scorer, Budget budget, SinkRecentSelector selector,
+                     EvictionOptions options = {})
       : name_(std::move(name)),
         shape_(cache.shape()),
         scorer_(std::move(scorer)),
-        budget_(budget),
+        budget_(std::move(budget)),
         selector_(selector),
-        schedule_(schedule),
-        pos_shift_(pos_shift) {
+        options_(std::move(options)),
+        pos_shift_(options_.pos_shift) {
     const std::string where = name_ + " (constructor)";
     selector_.check(where.c_str());
-    budget_.check(where.c_str(), shape_, selector_.protected_entries());
+    budget_.check(where.c_str(), shape_, options_.pad_protected_scores ? 0 : selector_.protected_entries());
     if (pos_shift_) pos_shift_->check(where.c_str(), shape_.head_dim);
+    if (options_.schedule == Schedule::prefill_and_every_n_steps && options_.decode_interval <= 0)
+      detail::fail<ArgumentError>(where, "decode_interval", options_.decode_interval, "must be > 0");
+    if (!(options_.head_allocation.floor_alpha >= 0.0 && options_.head_allocation.floor_alpha <= 1.0))
+      detail::fail<ArgumentError>(where, "head_allocation.floor_alpha", options_.head_allocation.floor_alpha,
+                                  "must be in [0, 1]");
+    if (pos_shift_ && (options_.head_allocation.adaptive || options_.pad_protected_scores))
+      detail::fail<ArgumentError>(where, "pos_shift", "set", "combines only with uniform, protected selections");
+    decode_steps_.assign(static_cast<std::size_t>(shape_.num_layers), 0);
     keep_slots_ = cache.backend().template allocate<std::int32_t>(shape_.num_kv_heads * shape_.capacity);
     victims_ = cache.backend().template allocate<std::int32_t>(shape_.num_kv_heads);
     keep_count_.assign(static_cast<std::size_t>(shape_.num_kv_heads), 0);
   }
 
   [[nodiscard]] std::string_view name() const noexcept { return name_; }
-  [[nodiscard]] const UniformBudget& budget() const noexcept { return budget_; }
+  [[nodiscard]] const Budget& budget() const noexcept { return budget_; }
   [[nodiscard]] const SinkRecentSelector& selector() const noexcept { return selector_; }
   [[nodiscard]] Scorer& scorer() noexcept { return scorer_; }
 
   // After the prompt block of `layer` was appended: score, then compress to the budget.
   void on_prefill(Cache& cache, std::int64_t layer, const Obs& obs) {
     check_call("on_prefill", cache, layer, obs);
-    scorer_.observe(cache, layer, obs);
+    scorer_.observe(cache, layer, obs, Phase::prefill);
     evict_to(cache, layer, 0);
   }
 
   // After the step's token was appended (and attended): score, then evict once over budget.
   void on_decode(Cache& cache, std::int64_t layer, const Obs& obs) {
     check_call("on_decode", cache, layer, obs);
-    scorer_.observe(cache, layer, obs);
-    if (schedule_ == Schedule::prefill_and_every_step) evict_to(cache, layer, 0);
+    scorer_.observe(cache, layer, obs, Phase::decode);
+    auto& steps = decode_steps_[static_cast<std::size_t>(layer)];
+    ++steps;
+    switch (options_.schedule) {
+      case Schedule::prefill_and_every_step: evict_to(cache, layer, 0); break;
+      case Schedule::prefill_and_every_n_steps:
+        if (steps % options_.decode_interval == 0) evict_to(cache, layer, 0);
+        break;
+      case Schedule::prefill_only: break;
+    }
   }
 
   // Makes room for `incoming` tokens before they are appended (StreamingLLM / H2O
@@ -113,12 +149,17 @@ class TopKEvictionPolicy {
     const auto lens = cache.lens(layer);
     const std::int64_t reserve = std::min(incoming, selector_.recent);
     bool any = false, single = true;
+    std::int64_t unprotected_total = 0, unprotected_share = 0;
     for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h) {
       const std::int64_t len = lens[static_cast<std::size_t>(h)];
-      const std::int64_t keep = len + incoming > budget_.for_head(layer, h) ? std::min(len, budget_.for_head(layer, h) - reserve) : len;
+      const std::int64_t target = budget_.entries(layer, len);
+      const std::int64_t keep = len + incoming > target ? std::clamp<std::int64_t>(target - reserve, 0, len) : len;
       keep_count_[static_cast<std::size_t>(h)] = keep;
       any |= keep < len;
       single &= keep == len - 1;
+      const std::int64_t share = std::max<std::int64_t>(0, keep - selector_.protected_entries());
+      unprotected_total += share;
+      unprotected_share = std::max(unprotected_share, share);
     }
     if (!any) return;
     const std::int64_t evicted = lens[0] - keep_count_[0];
@@ -126,10 +167,19 @@ class TopKEvictionPolicy {
       for (std::int64_t h = 1; h < shape_.num_kv_heads; ++h)
         if (lens[static_cast<std::size_t>(h)] - keep_count_[static_cast<std::size_t>(h)] != evicted)
           detail::fail_state<UnsupportedError>(name_ + "::evict", "pos-shift needs every kv-head to evict alike");
-    const ProtectRule rule = selector_.rule(cache.next_position(layer), incoming);
+    ProtectRule rule = selector_.rule(cache.next_position(layer), incoming);
     auto& backend = cache.backend();
     auto view = cache.view(layer);
-    const float* scores = scorer_.kv_scores(cache, layer);
+    float* scores = scorer_.kv_scores(cache, layer);
+    if (options_.pad_protected_scores && scores != nullptr) {
+      backend.raise_protected(view, scores, rule);
+      rule = ProtectRule{};
+    }
+    if (options_.head_allocation.adaptive && scores != nullptr) {
+      const auto floor = static_cast<std::int64_t>(options_.head_allocation.floor_alpha * static_cast<double>(unprotected_share));
+      backend.head_budgets(view, scores, rule, unprotected_total, floor, keep_count_.data());
+      single = false;
+    }
     if (single) {
       backend.select_victims(view, scores, rule, victims_.data());
       cache.apply(layer, ReplacePlan{victims_.data()}, scorer_.extras(layer));
@@ -146,10 +196,11 @@ class TopKEvictionPolicy {
   std::string name_;
   CacheShape shape_;
   Scorer scorer_;
-  UniformBudget budget_;
+  Budget budget_;
   SinkRecentSelector selector_;
-  Schedule schedule_;
+  EvictionOptions options_;
   std::optional<RopeSpec> pos_shift_;
+  std::vector<std::int64_t> decode_steps_;  // [layer] decode hooks seen
   typename Cache::backend_type::template Buffer<std::int32_t> keep_slots_;  // [kv_head, capacity]
   typename Cache::backend_type::template Buffer<std::int32_t> victims_;     // [kv_head]
   std::vector<std::int64_t> keep_count_;                                    // [kv_head], host
