@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvevict/core/backend.hpp"
 #include "kvevict/core/error.hpp"
 #include "kvevict/core/observation.hpp"
 #include "kvevict/core/plan.hpp"
@@ -37,7 +38,7 @@ struct HeadAllocation {
 
 struct EvictionOptions {
   Schedule schedule = Schedule::prefill_and_every_step;
-  std::int64_t decode_interval = 1;     // for Schedule::prefill_and_every_n_steps
+  std::int64_t decode_interval = 1;     // for Schedule::prefill_and_every_n_steps / every_n_decode_steps
   std::optional<RopeSpec> pos_shift{};  // re-index positions inside the cache (StreamingLLM)
   bool pad_protected_scores = false;    // kvpress: protected entries score max + 1, none is forced
   HeadAllocation head_allocation{};
@@ -63,14 +64,22 @@ class TopKEvictionPolicy {
     selector_.check(where.c_str());
     budget_.check(where.c_str(), shape_, options_.pad_protected_scores ? 0 : selector_.protected_entries());
     if (pos_shift_) pos_shift_->check(where.c_str(), shape_.head_dim);
-    if (options_.schedule == Schedule::prefill_and_every_n_steps && options_.decode_interval <= 0)
+    if ((options_.schedule == Schedule::prefill_and_every_n_steps ||
+         options_.schedule == Schedule::every_n_decode_steps) &&
+        options_.decode_interval <= 0)
       detail::fail<ArgumentError>(where, "decode_interval", options_.decode_interval, "must be > 0");
     if (!(options_.head_allocation.floor_alpha >= 0.0 && options_.head_allocation.floor_alpha <= 1.0))
       detail::fail<ArgumentError>(where, "head_allocation.floor_alpha", options_.head_allocation.floor_alpha,
                                   "must be in [0, 1]");
     if (pos_shift_ && (options_.head_allocation.adaptive || options_.pad_protected_scores))
       detail::fail<ArgumentError>(where, "pos_shift", "set", "combines only with uniform, protected selections");
+    if (!WindowScoringBackend<typename Cache::backend_type> &&
+        (options_.head_allocation.adaptive || options_.pad_protected_scores))
+      detail::fail<UnsupportedError>(where, "backend", cache.backend().name(),
+                                     "pad_protected_scores and adaptive head allocation need a WindowScoringBackend");
     decode_steps_.assign(static_cast<std::size_t>(shape_.num_layers), 0);
+    where_prefill_ = name_ + "::on_prefill";
+    where_decode_ = name_ + "::on_decode";
     keep_slots_ = cache.backend().template allocate<std::int32_t>(shape_.num_kv_heads * shape_.capacity);
     victims_ = cache.backend().template allocate<std::int32_t>(shape_.num_kv_heads);
     keep_count_.assign(static_cast<std::size_t>(shape_.num_kv_heads), 0);
@@ -83,20 +92,21 @@ class TopKEvictionPolicy {
 
   // After the prompt block of `layer` was appended: score, then compress to the budget.
   void on_prefill(Cache& cache, std::int64_t layer, const Obs& obs) {
-    check_call("on_prefill", cache, layer, obs);
+    check_call(where_prefill_, cache, layer, obs);
     scorer_.observe(cache, layer, obs, Phase::prefill);
-    evict_to(cache, layer, 0);
+    if (options_.schedule != Schedule::every_n_decode_steps) evict_to(cache, layer, 0);
   }
 
   // After the step's token was appended (and attended): score, then evict once over budget.
   void on_decode(Cache& cache, std::int64_t layer, const Obs& obs) {
-    check_call("on_decode", cache, layer, obs);
+    check_call(where_decode_, cache, layer, obs);
     scorer_.observe(cache, layer, obs, Phase::decode);
     auto& steps = decode_steps_[static_cast<std::size_t>(layer)];
     ++steps;
     switch (options_.schedule) {
       case Schedule::prefill_and_every_step: evict_to(cache, layer, 0); break;
       case Schedule::prefill_and_every_n_steps:
+      case Schedule::every_n_decode_steps:
         if (steps % options_.decode_interval == 0) evict_to(cache, layer, 0);
         break;
       case Schedule::prefill_only: break;
@@ -135,9 +145,10 @@ class TopKEvictionPolicy {
       detail::fail_state<ShapeError>(name_ + "::" + hook,
                                      "the cache's shape differs from the one this policy was built for");
   }
-  void check_call(const char* hook, Cache& cache, std::int64_t layer, const Obs& obs) {
-    const std::string where = name_ + "::" + hook;
-    check_shape(hook, cache);
+  // `where` is built once in the constructor: validation runs on every token and must not allocate.
+  void check_call(const std::string& where, Cache& cache, std::int64_t layer, const Obs& obs) {
+    if (!(cache.shape() == shape_))
+      detail::fail_state<ShapeError>(where, "the cache's shape differs from the one this policy was built for");
     if (layer < 0 || layer >= shape_.num_layers)
       detail::fail<ArgumentError>(where, "layer", layer, "must be in [0, " + std::to_string(shape_.num_layers) + ")");
     if (cache.max_len(layer) == 0)
@@ -157,11 +168,17 @@ class TopKEvictionPolicy {
       keep_count_[static_cast<std::size_t>(h)] = keep;
       any |= keep < len;
       single &= keep == len - 1;
-      const std::int64_t share = std::max<std::int64_t>(0, keep - selector_.protected_entries());
+      // Adaptive allocation shares the layer's full budget: a head below its target (heads differ in
+      // length after an adaptive eviction) leaves its unused share to the others.
+      const std::int64_t share = std::max<std::int64_t>(0, target - reserve - selector_.protected_entries());
       unprotected_total += share;
       unprotected_share = std::max(unprotected_share, share);
     }
     if (!any) return;
+    // Scorers that pool over neighbouring slots (SnapKV family) need slots in position order, which
+    // only the stable bulk compaction keeps: the single-slot path moves the newest entry into the
+    // victim's slot.
+    if constexpr (requires { Scorer::needs_position_order; }) single = single && !Scorer::needs_position_order;
     const std::int64_t evicted = lens[0] - keep_count_[0];
     if (pos_shift_)
       for (std::int64_t h = 1; h < shape_.num_kv_heads; ++h)
@@ -171,14 +188,18 @@ class TopKEvictionPolicy {
     auto& backend = cache.backend();
     auto view = cache.view(layer);
     float* scores = scorer_.kv_scores(cache, layer);
-    if (options_.pad_protected_scores && scores != nullptr) {
-      backend.raise_protected(view, scores, rule);
-      rule = ProtectRule{};
-    }
-    if (options_.head_allocation.adaptive && scores != nullptr) {
-      const auto floor = static_cast<std::int64_t>(options_.head_allocation.floor_alpha * static_cast<double>(unprotected_share));
-      backend.head_budgets(view, scores, rule, unprotected_total, floor, keep_count_.data());
-      single = false;
+    // Only a WindowScoringBackend has these two; the constructor rejects the options otherwise, so
+    // a plain Backend (e.g. CUDA) still compiles H2O and StreamingLLM.
+    if constexpr (WindowScoringBackend<typename Cache::backend_type>) {
+      if (options_.pad_protected_scores && scores != nullptr) {
+        backend.raise_protected(view, scores, rule);
+        rule = ProtectRule{};
+      }
+      if (options_.head_allocation.adaptive && scores != nullptr) {
+        const auto floor = static_cast<std::int64_t>(options_.head_allocation.floor_alpha * static_cast<double>(unprotected_share));
+        backend.head_budgets(view, scores, rule, unprotected_total, floor, keep_count_.data());
+        single = false;
+      }
     }
     if (single) {
       backend.select_victims(view, scores, rule, victims_.data());
@@ -194,6 +215,7 @@ class TopKEvictionPolicy {
   }
 
   std::string name_;
+  std::string where_prefill_, where_decode_;  // error-message prefixes, built once
   CacheShape shape_;
   Scorer scorer_;
   Budget budget_;
