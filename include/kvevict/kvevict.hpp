@@ -1,7 +1,9 @@
 // kvevict umbrella: core, policies and the CPU backend.
 #pragma once
 
+#include "kvevict/backends/cpu/cake_primitives.hpp"
 #include "kvevict/backends/cpu/cpu_backend.hpp"
+#include "kvevict/backends/cpu/recurrence.hpp"
 #include "kvevict/core/backend.hpp"
 #include "kvevict/core/error.hpp"
 #include "kvevict/core/kv_cache.hpp"
@@ -12,8 +14,10 @@
 #include "kvevict/core/policy.hpp"
 #include "kvevict/core/rope.hpp"
 #include "kvevict/core/shape.hpp"
+#include "kvevict/policies/cake.hpp"
 #include "kvevict/policies/h2o.hpp"
 #include "kvevict/policies/key_policies.hpp"
+#include "kvevict/policies/lazy_eviction.hpp"
 #include "kvevict/policies/snapkv.hpp"
 #include "kvevict/policies/streaming_llm.hpp"
 #include "kvevict/policies/tova.hpp"
