@@ -706,6 +706,28 @@ struct SetReplay {
 };
 
 template <class Cache>
+ReplayResult replay_lazyeviction(const GoldenCase& c);  // golden/replay_lazyeviction.hpp, included below
+template <class Cache>
+ReplayResult replay_cake(const GoldenCase& c);  // golden/replay_cake.hpp, included below
+// golden/replay_window.hpp, included below:
+template <class Cache>
+ReplayResult replay_snapkv_official(const GoldenCase& c);
+template <class Cache>
+ReplayResult replay_kvfactory_snapkv(const GoldenCase& c);
+template <class Cache>
+ReplayResult replay_kvfactory_pyramidkv(const GoldenCase& c);
+template <class Cache>
+ReplayResult replay_kvpress_snapkv(const GoldenCase& c);
+template <class Cache>
+ReplayResult replay_kvpress_pyramidkv(const GoldenCase& c);
+template <class Cache>
+ReplayResult replay_kvpress_tova(const GoldenCase& c);
+template <class Cache>
+ReplayResult replay_kvpress_knorm(const GoldenCase& c);
+template <class Cache>
+ReplayResult replay_kvpress_keydiff(const GoldenCase& c);
+
+template <class Cache>
 std::span<const SetReplay<Cache>> replay_sets() {
   static const SetReplay<Cache> table[] = {
       {"streaming_llm", &replay_streaming_llm<Cache>},
@@ -714,6 +736,16 @@ std::span<const SetReplay<Cache>> replay_sets() {
       {"kvpress_streamingllm", &replay_kvpress_streamingllm<Cache>},
       {"kvfactory_h2o", &replay_kvfactory_h2o<Cache>},
       {"kvfactory_h2o_legacy2024", &replay_kvfactory_h2o_legacy2024<Cache>},
+      {"lazyeviction", &replay_lazyeviction<Cache>},
+      {"cake", &replay_cake<Cache>},
+      {"snapkv_official", &replay_snapkv_official<Cache>},
+      {"kvfactory_snapkv", &replay_kvfactory_snapkv<Cache>},
+      {"kvfactory_pyramidkv", &replay_kvfactory_pyramidkv<Cache>},
+      {"kvpress_snapkv", &replay_kvpress_snapkv<Cache>},
+      {"kvpress_pyramidkv", &replay_kvpress_pyramidkv<Cache>},
+      {"kvpress_tova", &replay_kvpress_tova<Cache>},
+      {"kvpress_knorm", &replay_kvpress_knorm<Cache>},
+      {"kvpress_keydiff", &replay_kvpress_keydiff<Cache>},
   };
   return table;
 }
@@ -831,3 +863,7 @@ ReplayResult replay(const std::filesystem::path& case_dir, const std::filesystem
 }
 
 }  // namespace kvevict::golden
+
+#include "golden/replay_lazyeviction.hpp"  // defines replay_lazyeviction, declared above
+#include "golden/replay_cake.hpp"  // defines replay_cake, declared above
+#include "golden/replay_window.hpp"  // defines the SnapKV/PyramidKV/TOVA/Knorm/KeyDiff replays, declared above

@@ -38,14 +38,16 @@ struct WindowScoring {
 // Scores the non-window entries from the window's attention. At prefill the observation holds
 // the window queries (or their probabilities). At decode, for policies re-applied every N steps,
 // the scorer keeps the last `window` decode queries in a ring buffer and re-scores from them.
-// Pooling runs over slots in position order, which bulk compaction preserves (these policies
-// never use single-slot replacement).
+// Pooling runs over slots in position order, which bulk compaction preserves; needs_position_order
+// keeps TopKEvictionPolicy off its single-slot replacement path.
 template <class Cache>
 class WindowAttentionScorer {
  public:
   using Backend = typename Cache::backend_type;
   using Obs = Observation<typename Cache::value_type, typename Cache::memory_space>;
   static constexpr bool needs_observation = true;
+  // Pooling reads neighbouring slots as neighbouring positions: evictions must compact stably.
+  static constexpr bool needs_position_order = true;
 
   WindowAttentionScorer(Cache& cache, WindowScoring cfg) : cfg_(cfg) {
     cfg_.check("WindowAttentionScorer");
@@ -77,6 +79,12 @@ class WindowAttentionScorer {
       dirty_[static_cast<std::size_t>(layer)] = 1;
       return;
     }
+    // Every row given is summed: more rows than the window would silently score with earlier
+    // queries too (the references read Q[S - w:] only).
+    if (obs.num_queries > cfg_.window)
+      detail::fail<ArgumentError>("WindowAttentionScorer::observe", "num_queries", obs.num_queries,
+                                  "must be <= window (" + std::to_string(cfg_.window) +
+                                      "): pass the last window queries (or their probability rows) only");
     auto v = cache.view(layer);
     auto& b = cache.backend();
     if (obs.has_probs()) {
