@@ -98,11 +98,15 @@ class TopKEvictionPolicy {
   }
 
   // After the step's token was appended (and attended): score, then evict once over budget.
+  // One-shot (prefill_only) policies ignore decode observations: an engine may pass whatever it
+  // has, or nothing.
   void on_decode(Cache& cache, std::int64_t layer, const Obs& obs) {
-    check_call(where_decode_, cache, layer, obs);
-    scorer_.observe(cache, layer, obs, Phase::decode);
+    const bool evicts_at_decode = options_.schedule != Schedule::prefill_only;
+    check_call(where_decode_, cache, layer, obs, evicts_at_decode);
     auto& steps = decode_steps_[static_cast<std::size_t>(layer)];
     ++steps;
+    if (!evicts_at_decode) return;
+    scorer_.observe(cache, layer, obs, Phase::decode);
     switch (options_.schedule) {
       case Schedule::prefill_and_every_step: evict_to(cache, layer, 0); break;
       case Schedule::prefill_and_every_n_steps:
@@ -146,14 +150,15 @@ class TopKEvictionPolicy {
                                      "the cache's shape differs from the one this policy was built for");
   }
   // `where` is built once in the constructor: validation runs on every token and must not allocate.
-  void check_call(const std::string& where, Cache& cache, std::int64_t layer, const Obs& obs) {
+  void check_call(const std::string& where, Cache& cache, std::int64_t layer, const Obs& obs,
+                  bool observation_used = true) {
     if (!(cache.shape() == shape_))
       detail::fail_state<ShapeError>(where, "the cache's shape differs from the one this policy was built for");
     if (layer < 0 || layer >= shape_.num_layers)
       detail::fail<ArgumentError>(where, "layer", layer, "must be in [0, " + std::to_string(shape_.num_layers) + ")");
     if (cache.max_len(layer) == 0)
       detail::fail<EmptyCacheError>(where, "layer", layer, "has no entries: append before calling the hook");
-    detail::check_observation(where.c_str(), cache, layer, obs, Scorer::needs_observation);
+    detail::check_observation(where.c_str(), cache, layer, obs, observation_used && Scorer::needs_observation);
   }
 
   void evict_to(Cache& cache, std::int64_t layer, std::int64_t incoming) {
