@@ -13,9 +13,11 @@ endfunction()
 
 # nvcc: C++20 by hand below CMake 3.26, host warnings passed through.
 function(kvevict_cuda_target target)
-  set_target_properties(${target} PROPERTIES CUDA_STANDARD 20 CUDA_STANDARD_REQUIRED ON)
+  # CMake 3.25 knows no CUDA20 and refuses to generate with CUDA_STANDARD 20: pass the flag by hand.
   if(CMAKE_VERSION VERSION_LESS 3.26)
     target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20>)
+  else()
+    set_target_properties(${target} PROPERTIES CUDA_STANDARD 20 CUDA_STANDARD_REQUIRED ON)
   endif()
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -Xcompiler=-Wall,-Wextra>)
   if(KVEVICT_WERROR)

@@ -1,0 +1,81 @@
+// Stable compaction against its physical limit. Bandwidth-bound.
+// BM_CudaCompact/T/d: one layer of 8 kv-heads holding T entries each, compacted to its even slots
+//   (T/2 kept; every kept slot but 0 moves): K, V and positions through the chunk workspace, so
+//   the kept bytes are read and written twice.
+// BM_CudaMemcpyD2D/T/d: one cudaMemcpyAsync of the same bytes (the kept K and V rows and
+//   positions), read and written once: the floor for moving them.
+// Both report bytes processed = the kept bytes, so their bytes/s compare directly.
+#include <cstdint>
+#include <vector>
+
+#include "cuda_bench_support.cuh"
+
+namespace kvevict::cuda_bench {
+namespace {
+
+std::int64_t kept_bytes(std::int64_t t, std::int64_t d) {
+  return kKvHeads * (t / 2) * (2 * d * static_cast<std::int64_t>(sizeof(float)) + static_cast<std::int64_t>(sizeof(std::int32_t)));
+}
+
+void BM_CudaCompact(benchmark::State& state) {
+  if (!start(state, "bandwidth-bound")) return;
+  const std::int64_t t = state.range(0), d = state.range(1);
+  const CacheShape shape{1, kKvHeads, kQHeads, d, t};
+  CudaBackend backend;
+  backend.reserve(shape);
+  auto keys = random_device(kKvHeads * t * d, 1);
+  auto values = random_device(kKvHeads * t * d, 2);
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(kKvHeads * t)), keep(static_cast<std::size_t>(kKvHeads * t), 0);
+  for (std::int64_t h = 0; h < kKvHeads; ++h)
+    for (std::int64_t i = 0; i < t; ++i) {
+      pos[static_cast<std::size_t>(h * t + i)] = static_cast<std::int32_t>(i);
+      if (i < t / 2) keep[static_cast<std::size_t>(h * t + i)] = static_cast<std::int32_t>(2 * i);
+    }
+  auto d_pos = to_device(pos);
+  auto d_keep = to_device(keep);
+  // The view keeps saying "T live entries", so every iteration repeats the same moves.
+  const std::vector<std::int64_t> lens(kKvHeads, t), keep_count(kKvHeads, t / 2);
+  LayerView<float> v;
+  v.keys = keys.data();
+  v.values = values.data();
+  v.head_stride = t * d;
+  v.slot_stride = d;
+  v.positions = d_pos.data();
+  v.lens = lens.data();
+  v.num_kv_heads = kKvHeads;
+  v.num_q_heads = kQHeads;
+  v.head_dim = d;
+  v.capacity = t;
+  EventTimer timer(backend.stream());
+  backend.compact(v, d_keep.data(), keep_count.data(), {});  // warm-up
+  for (auto _ : state) {
+    timer.start();
+    backend.compact(v, d_keep.data(), keep_count.data(), {});
+    state.SetIterationTime(timer.stop_seconds());
+  }
+  state.SetBytesProcessed(state.iterations() * kept_bytes(t, d));
+}
+
+void BM_CudaMemcpyD2D(benchmark::State& state) {
+  if (!start(state, "bandwidth-bound (baseline)")) return;
+  const std::int64_t t = state.range(0), d = state.range(1);
+  const std::int64_t bytes = kept_bytes(t, d);
+  cuda::DeviceBuffer<std::uint8_t> src(bytes), dst(bytes);
+  const cudaStream_t stream = nullptr;
+  EventTimer timer(stream);
+  cuda::check(cudaMemcpyAsync(dst.data(), src.data(), static_cast<std::size_t>(bytes), cudaMemcpyDeviceToDevice, stream),
+              "BM_CudaMemcpyD2D", "cudaMemcpyAsync");
+  for (auto _ : state) {
+    timer.start();
+    cuda::check(cudaMemcpyAsync(dst.data(), src.data(), static_cast<std::size_t>(bytes), cudaMemcpyDeviceToDevice, stream),
+                "BM_CudaMemcpyD2D", "cudaMemcpyAsync");
+    state.SetIterationTime(timer.stop_seconds());
+  }
+  state.SetBytesProcessed(state.iterations() * bytes);
+}
+
+BENCHMARK(BM_CudaCompact)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaMemcpyD2D)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+}  // namespace kvevict::cuda_bench

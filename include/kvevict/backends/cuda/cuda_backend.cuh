@@ -1,0 +1,443 @@
+// CUDA backend: every primitive of core/backend.hpp as kernels (detail/*.cuh) queued on the
+// stream the backend was constructed with. Results match CpuBackend: selections exactly (same
+// tie rules), floats within fp32 rounding (bit for bit where the operation order is the same:
+// append, column sums from probabilities, group_reduce, compaction, replacement, rotation).
+// Workspace is sized once by reserve(); no primitive allocates afterwards.
+//
+// Synchronisation: a primitive returns once its kernels are queued, except where the host needs
+// a result: all_finite (the answer), select_topk (the protected counts behind its BudgetError),
+// replace_with_last (the victims, validated before anything moves, as on the CPU), and the two
+// copies. Those synchronise this backend's stream only, never the device.
+//
+// Host memory: LayerView::lens, fresh_from and keep_count are host arrays, as the concept says;
+// they reach the kernels by value (at most kMaxKvHeads kv-heads per layer). Every other pointer
+// must be device (or managed) memory; append and all_finite check theirs and throw DeviceError.
+// A backend object is not thread-safe: its workspace is shared by its calls.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "kvevict/backends/cuda/cuda_check.cuh"
+#include "kvevict/backends/cuda/detail/append.cuh"
+#include "kvevict/backends/cuda/detail/attention.cuh"
+#include "kvevict/backends/cuda/detail/column_sums.cuh"
+#include "kvevict/backends/cuda/detail/device_layer.cuh"
+#include "kvevict/backends/cuda/detail/finite.cuh"
+#include "kvevict/backends/cuda/detail/group_reduce.cuh"
+#include "kvevict/backends/cuda/detail/move_slots.cuh"
+#include "kvevict/backends/cuda/detail/rotate.cuh"
+#include "kvevict/backends/cuda/detail/select.cuh"
+#include "kvevict/backends/cuda/device_buffer.cuh"
+#include "kvevict/core/backend.hpp"
+#include "kvevict/core/error.hpp"
+#include "kvevict/core/layer_view.hpp"
+#include "kvevict/core/memory_space.hpp"
+#include "kvevict/core/rope.hpp"
+#include "kvevict/core/shape.hpp"
+
+namespace kvevict {
+
+class CudaBackend {
+ public:
+  using memory_space = CudaSpace;
+  template <class U>
+  using Buffer = cuda::DeviceBuffer<U>;
+
+  // Most kv-heads per layer (per-head host arrays travel by value in kernel parameters).
+  static constexpr std::int64_t kMaxKvHeads = cuda::detail::kMaxKvHeads;
+  // Query blocks up to this size take the per-query path of accumulate_query_column_sums
+  // (warp-per-key logits + one softmax block per q-head); larger ones the tiled two-pass path.
+  static constexpr std::int64_t kSmallQueryBatch = 16;
+  // Output slots per kv-head that one compaction chunk moves (bounds the compaction workspace).
+  static constexpr std::int64_t kCompactChunkSlots = 4096;
+
+  // Every kernel and copy runs on `stream` (0: the legacy default stream). Does not allocate and
+  // needs no device; reserve() does both.
+  explicit CudaBackend(cudaStream_t stream = nullptr) noexcept : stream_(stream) {}
+  // A copy shares the stream and gets its own workspace of the same size (allocates).
+  CudaBackend(const CudaBackend& other) : stream_(other.stream_) { grow_workspace(other.sizes_); }
+  CudaBackend& operator=(const CudaBackend& other) {
+    if (this != &other) {
+      CudaBackend copy(other);
+      *this = std::move(copy);
+    }
+    return *this;
+  }
+  CudaBackend(CudaBackend&&) noexcept = default;
+  CudaBackend& operator=(CudaBackend&&) noexcept = default;
+  ~CudaBackend() = default;
+
+  [[nodiscard]] const char* name() const noexcept { return "cuda"; }
+  [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
+
+  // n zeroed elements of device memory (zeroed on this backend's stream). Allocates.
+  template <class U>
+  [[nodiscard]] Buffer<U> allocate(std::int64_t n) const {
+    return Buffer<U>(n, stream_);
+  }
+  // Device -> host, ordered after the work queued on the stream; returns when dst is written.
+  template <class U>
+  void copy_to_host(const U* src, U* dst, std::int64_t n) const {
+    copy(dst, src, n, cudaMemcpyDeviceToHost, "CudaBackend::copy_to_host");
+  }
+  // Host -> device; returns when src may be reused.
+  template <class U>
+  void copy_from_host(const U* src, U* dst, std::int64_t n) const {
+    copy(dst, src, n, cudaMemcpyHostToDevice, "CudaBackend::copy_from_host");
+  }
+
+  // Sizes the workspace every primitive may need for layers of this shape; grows, never
+  // shrinks. Allocates; call once per shape (KVCache does, at construction).
+  void reserve(const CacheShape& shape) {
+    shape.check("CudaBackend::reserve");
+    cuda::detail::check_kv_heads("CudaBackend::reserve", shape.num_kv_heads);
+    Sizes need;
+    need.move_words = shape.num_kv_heads * std::min(shape.capacity, kCompactChunkSlots) *
+                      (2 * shape.head_dim + 1 + shape.group_size());
+    need.logits = shape.num_q_heads * shape.capacity;
+    need.stats = 2 * shape.num_q_heads * shape.capacity;
+    need.partial = shape.num_q_heads * cuda::detail::ceil_div(shape.capacity, cuda::detail::kAttendChunk) * shape.head_dim;
+    grow_workspace(need);
+  }
+
+  // True when none of the n floats at p (device memory) is NaN or +-Inf. Synchronises the stream:
+  // the answer is a host value. Throws DeviceError for a host pointer.
+  [[nodiscard]] bool all_finite(const float* p, std::int64_t n) {
+    constexpr const char* where = "CudaBackend::all_finite";
+    if (n <= 0) return true;
+    cuda::require_device_pointer(where, "p", p);
+    ensure_status();
+    cuda::detail::launch_all_finite({p, n, status_.data()}, stream_);
+    read_status(1, where);
+    return host_status_.data()[0] == 0;
+  }
+
+  // Writes [kv_head, token, head_dim] source rows (device memory) to slots lens[h] ..
+  // lens[h]+num_tokens-1 with positions first_pos ... Precondition: they fit the capacity
+  // (KVCache checks). Throws DeviceError for host sources, before anything is written.
+  void append(const LayerView<float>& v, const float* keys, const float* values, std::int64_t num_tokens,
+              std::int64_t first_pos) const {
+    constexpr const char* where = "CudaBackend::append";
+    if (num_tokens <= 0) return;
+    cuda::require_device_pointer(where, "keys", keys);
+    cuda::require_device_pointer(where, "values", values);
+    cuda::detail::launch_append({cuda::detail::make_device_layer(where, v), keys, values, num_tokens, first_pos}, stream_);
+  }
+
+  // probs[qh, j] = softmax_j(q[qh] . K[qh/G, j] * scale) over the live slots, fp32. q: [q_head,
+  // head_dim]; probs: [q_head, capacity]; slots >= len are untouched.
+  void attention_probs(const LayerView<float>& v, const float* q, float scale, float* probs) const {
+    constexpr const char* where = "CudaBackend::attention_probs";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    cuda::detail::launch_group_logits({layer, q, v.head_dim, scale, INT64_MAX, probs, v.capacity}, stream_, where);
+    cuda::detail::launch_softmax_rows({layer, probs, v.capacity, nullptr, 0, {}, false}, stream_, where);
+  }
+
+  // Reference attention: out[qh] = sum_j probs[qh, j] V[qh/G, j]; probs_ws receives the
+  // probabilities. out: [q_head, head_dim] (zero for an empty head). Precondition: reserve()
+  // covered this capacity and head_dim.
+  void attend(const LayerView<float>& v, const float* q, float scale, float* probs_ws, float* out) {
+    constexpr const char* where = "CudaBackend::attend";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    const std::int64_t max_chunks = partial_.size() / (v.num_q_heads * v.head_dim);
+    require_workspace(where, "attend partial sums", cuda::detail::ceil_div(layer.max_len, cuda::detail::kAttendChunk),
+                      max_chunks);
+    attention_probs(v, q, scale, probs_ws);
+    cuda::detail::launch_attend({layer, probs_ws, v.capacity, partial_.data(), max_chunks, out},
+                                stream_);
+  }
+
+  // scores[qh, j] = (j < fresh_from[kv] ? scores[qh, j] : 0) + sum_i probs[qh, i, j] for the live
+  // slots, summed in query order (bit-identical to the CPU backend). probs: [q_head, num_queries,
+  // probs_stride]; scores: [q_head, capacity]; fresh_from: host [kv_head].
+  void accumulate_column_sums(const LayerView<float>& v, const float* probs, std::int64_t num_queries,
+                              std::int64_t probs_stride, float* scores, const std::int64_t* fresh_from) const {
+    constexpr const char* where = "CudaBackend::accumulate_column_sums";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    cuda::detail::launch_prob_column_sums(
+        {layer, probs, std::max<std::int64_t>(num_queries, 0), probs_stride, scores, clamp_fresh(v, fresh_from)}, stream_,
+        where);
+  }
+
+  // The same accumulation from queries [q_head, num_queries, head_dim]: query i (position
+  // first_pos + i) sees the keys whose position <= first_pos + i; a query that sees no key adds
+  // nothing. Never materialises num_queries x len: small blocks go query by query through a
+  // [q_head, capacity] logits workspace, larger ones through the tiled two-pass kernels.
+  void accumulate_query_column_sums(const LayerView<float>& v, const float* queries, std::int64_t num_queries,
+                                    std::int64_t first_pos, float scale, float* scores,
+                                    const std::int64_t* fresh_from) {
+    constexpr const char* where = "CudaBackend::accumulate_query_column_sums";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    const auto fresh = clamp_fresh(v, fresh_from);
+    if (num_queries <= 0) {  // only the fresh slots are reset
+      cuda::detail::launch_prob_column_sums({layer, nullptr, 0, 0, scores, fresh}, stream_, where);
+      return;
+    }
+    if (num_queries <= kSmallQueryBatch) {
+      require_workspace(where, "logits", v.num_q_heads * v.capacity, logits_.size());
+      for (std::int64_t i = 0; i < num_queries; ++i) {
+        cuda::detail::launch_group_logits({layer, queries + i * v.head_dim, num_queries * v.head_dim, scale,
+                                           first_pos + i, logits_.data(), v.capacity},
+                                          stream_, where);
+        cuda::detail::launch_softmax_rows({layer, logits_.data(), v.capacity, scores, v.capacity, fresh, i == 0},
+                                          stream_, where);
+      }
+      return;
+    }
+    const std::int64_t stats_rows = row_stats_.size() / (2 * v.num_q_heads);
+    require_workspace(where, "query statistics", 1, stats_rows);
+    float* row_max = row_stats_.data();
+    float* row_inv = row_stats_.data() + v.num_q_heads * stats_rows;
+    for (std::int64_t c0 = 0; c0 < num_queries; c0 += stats_rows) {
+      const std::int64_t rows = std::min(stats_rows, num_queries - c0);
+      cuda::detail::launch_query_column_sums_tiled({layer, queries, num_queries, c0, rows, first_pos, scale, row_max,
+                                                    row_inv, stats_rows, scores, fresh, c0 == 0},
+                                                   stream_, where);
+    }
+  }
+
+  // out[kv, j] = mean / max / sum over the group's q-heads of in[qh, j], live slots only
+  // (bit-identical to the CPU backend).
+  void group_reduce(const LayerView<float>& v, const float* in, float* out, GroupAgg agg) const {
+    constexpr const char* where = "CudaBackend::group_reduce";
+    cuda::detail::launch_group_reduce({cuda::detail::make_device_layer(where, v), in, out, agg}, stream_);
+  }
+
+  // victims[h] (device [kv_head]) = the unprotected slot that ranks last by (score desc,
+  // position asc): the lowest score, ties to the newest position. With scores == nullptr: the
+  // oldest unprotected entry. -1 where a head has no unprotected entry. NaN scores as on the CPU:
+  // a NaN in the first unprotected slot makes it the victim; other NaNs are never chosen.
+  void select_victims(const LayerView<float>& v, const float* scores, ProtectRule rule, std::int32_t* victims) const {
+    constexpr const char* where = "CudaBackend::select_victims";
+    cuda::detail::SelectParams p{};
+    p.layer = cuda::detail::make_device_layer(where, v);
+    p.scores = scores;
+    p.sink_end = rule.sink_end;
+    p.recent_begin = rule.recent_begin;
+    p.victims = victims;
+    cuda::detail::launch_select_victims(p, stream_);
+  }
+
+  // Moves slot lens[h]-1 into victims[h] (K, V, position, extras). Synchronises to read the
+  // kv_head victims back and validate them first, so a bad plan throws ArgumentError before
+  // anything moves (as on the CPU).
+  void replace_with_last(const LayerView<float>& v, const std::int32_t* victims, std::span<const SlotExtra> extras) {
+    constexpr const char* where = "CudaBackend::replace_with_last";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    ensure_status();
+    check(cudaMemcpyAsync(host_status_.data(), victims, static_cast<std::size_t>(v.num_kv_heads) * sizeof(std::int32_t),
+                          cudaMemcpyDeviceToHost, stream_),
+          where, "cudaMemcpyAsync(victims)");
+    check(cudaStreamSynchronize(stream_), where, "cudaStreamSynchronize");
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int32_t victim = host_status_.data()[h];
+      if (victim < 0 || victim >= v.lens[h])
+        kvevict::detail::fail<ArgumentError>(where, "victims[" + std::to_string(h) + "]", victim,
+                                             "must be a live slot in [0, " + std::to_string(v.lens[h]) + ")");
+    }
+    cuda::detail::MoveParams p{};
+    p.num_kv_heads = layer.num_kv_heads;
+    p.capacity = v.capacity;
+    p.victims = victims;
+    p.lens = layer.lens;
+    for_each_array_group(v, extras, p, [&](cuda::detail::MoveParams& group, std::int64_t /*words_per_slot*/) {
+      cuda::detail::launch_replace_with_last(group, stream_);
+    });
+  }
+
+  // keep_slots[h, :keep_count[h]] (device [kv_head, capacity]) = every protected slot plus the
+  // best unprotected ones by (score desc, position asc), in ascending slot order; scores ==
+  // nullptr ranks by recency (newest first). keep_count: host [kv_head]. Exact radix select.
+  // Synchronises to read the protected counts: throws BudgetError if the protected entries
+  // alone exceed keep_count (keep_slots may then hold partial output; the cache is untouched).
+  void select_topk(const LayerView<float>& v, const float* scores, ProtectRule rule, const std::int64_t* keep_count,
+                   std::int32_t* keep_slots) {
+    constexpr const char* where = "CudaBackend::select_topk";
+    cuda::detail::SelectParams p{};
+    p.layer = cuda::detail::make_device_layer(where, v);
+    p.scores = scores;
+    p.sink_end = rule.sink_end;
+    p.recent_begin = rule.recent_begin;
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h)
+      p.keep_count.v[h] = static_cast<std::int32_t>(std::max<std::int64_t>(std::min(keep_count[h], v.lens[h]), -1));
+    p.keep_slots = keep_slots;
+    ensure_status();
+    p.num_protected = status_.data();
+    cuda::detail::launch_select_topk(p, stream_);
+    read_status(v.num_kv_heads, where);
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t k = std::min(keep_count[h], v.lens[h]);
+      const std::int64_t num_protected = host_status_.data()[h];
+      if (k < num_protected)
+        kvevict::detail::fail<BudgetError>("select_topk", "keep_count[" + std::to_string(h) + "]", k,
+                                           "is smaller than the " + std::to_string(num_protected) + " protected entries");
+    }
+  }
+
+  // Stable gather: slot keep_slots[h, i] moves to slot i for i < keep_count[h] (K, V, position,
+  // extras). Precondition: keep slots ascending per head (select_topk's output). Chunked
+  // through the reserved workspace: two kernels per chunk of kCompactChunkSlots output slots.
+  void compact(const LayerView<float>& v, const std::int32_t* keep_slots, const std::int64_t* keep_count,
+               std::span<const SlotExtra> extras) {
+    constexpr const char* where = "CudaBackend::compact";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    cuda::detail::MoveParams p{};
+    p.num_kv_heads = layer.num_kv_heads;
+    p.capacity = v.capacity;
+    p.keep_slots = keep_slots;
+    p.workspace = move_ws_.data();
+    std::int64_t max_keep = 0;
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      if (keep_count[h] < 0 || keep_count[h] > v.lens[h])
+        kvevict::detail::fail<ArgumentError>(where, "keep_count[" + std::to_string(h) + "]", keep_count[h],
+                                             "must be in [0, len = " + std::to_string(v.lens[h]) + "]");
+      p.keep_count.v[h] = static_cast<std::int32_t>(keep_count[h]);
+      max_keep = std::max(max_keep, keep_count[h]);
+    }
+    if (max_keep == 0) return;
+    for_each_array_group(v, extras, p, [&](cuda::detail::MoveParams& group, std::int64_t words_per_slot) {
+      const std::int64_t chunk = std::min(max_keep, move_ws_.size() / (v.num_kv_heads * words_per_slot));
+      require_workspace(where, "compaction chunk slots", 1, chunk);
+      std::int64_t offset = 0;
+      for (std::int32_t a = 0; a < group.num_arrays; ++a) {
+        group.arrays[a].ws_offset = offset;
+        offset += v.num_kv_heads * group.arrays[a].rows * chunk * group.arrays[a].width;
+      }
+      group.chunk_slots = chunk;
+      for (std::int64_t c0 = 0; c0 < max_keep; c0 += chunk) {
+        group.chunk_begin = c0;
+        cuda::detail::launch_compact_chunk(group, stream_);
+      }
+    });
+  }
+
+  // Rotates every live key whose position >= min_position by `delta` positions (RoPE(p) then
+  // this equals RoPE(p + delta)); bit-identical to the CPU backend. rotary_dim <= 512.
+  void rotate_keys(const LayerView<float>& v, std::int64_t min_position, std::int64_t delta, const RopeSpec& rope) const {
+    constexpr const char* where = "CudaBackend::rotate_keys";
+    if (delta == 0) return;
+    rope.check(where, v.head_dim);
+    const std::int64_t half = rope.rotary_dim / 2;
+    if (half > cuda::detail::kMaxRotaryPairs)
+      kvevict::detail::fail<UnsupportedError>(where, "rope.rotary_dim", rope.rotary_dim,
+                                              "the CUDA backend rotates at most " +
+                                                  std::to_string(2 * cuda::detail::kMaxRotaryPairs) + " dims");
+    cuda::detail::RotateParams p{};
+    p.layer = cuda::detail::make_device_layer(where, v);
+    p.min_position = min_position;
+    p.half = static_cast<std::int32_t>(half);
+    p.interleaved = rope.layout == RopeLayout::interleaved_pairs;
+    for (std::int64_t i = 0; i < half; ++i) {  // the CPU backend's expressions, term for term
+      const double inv_freq = std::pow(rope.base, -2.0 * static_cast<double>(i) / static_cast<double>(rope.rotary_dim));
+      const double angle = static_cast<double>(delta) * inv_freq;
+      p.cos[i] = std::cos(angle);
+      p.sin[i] = std::sin(angle);
+    }
+    cuda::detail::launch_rotate_keys(p, stream_);
+  }
+
+ private:
+  struct Sizes {
+    std::int64_t move_words = 0;  // compaction chunk workspace (32-bit words)
+    std::int64_t logits = 0;      // [q_head, capacity]
+    std::int64_t stats = 0;       // 2 x [q_head, rows]
+    std::int64_t partial = 0;     // [q_head, chunk, head_dim]
+  };
+
+  template <class T>
+  void copy(T* dst, const T* src, std::int64_t n, cudaMemcpyKind kind, const char* where) const {
+    if (n <= 0) return;
+    check(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(n) * sizeof(T), kind, stream_), where, "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(stream_), where, "cudaStreamSynchronize");
+  }
+  static void check(cudaError_t status, const char* where, const char* what) { cuda::check(status, where, what); }
+
+  static void require_workspace(const char* where, const char* what, std::int64_t need, std::int64_t have) {
+    if (have < need)
+      kvevict::detail::fail<ShapeError>(where, "workspace", what,
+                                        "needs " + std::to_string(need) + " but reserve() provided " + std::to_string(have) +
+                                            ": call reserve(shape) with a shape covering this layer");
+  }
+
+  static cuda::detail::PerHead clamp_fresh(const LayerView<float>& v, const std::int64_t* fresh_from) {
+    cuda::detail::PerHead f{};
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h)
+      f.v[h] = static_cast<std::int32_t>(std::clamp<std::int64_t>(fresh_from[h], 0, v.capacity));
+    return f;
+  }
+
+  // Calls fn(params, words_per_slot) for groups of at most kMaxSlotArrays per-slot arrays: K, V,
+  // positions, then each extra (rows_per_kv_head rows of one float per slot).
+  template <class Fn>
+  static void for_each_array_group(const LayerView<float>& v, std::span<const SlotExtra> extras,
+                                   cuda::detail::MoveParams& p, Fn&& fn) {
+    using cuda::detail::SlotArray;
+    const std::int64_t total = 3 + static_cast<std::int64_t>(extras.size());
+    auto array_at = [&](std::int64_t a) -> SlotArray {
+      if (a == 0) return {reinterpret_cast<std::uint32_t*>(v.keys), v.head_stride, v.slot_stride, 1,
+                          static_cast<std::int32_t>(v.head_dim), 0};
+      if (a == 1) return {reinterpret_cast<std::uint32_t*>(v.values), v.head_stride, v.slot_stride, 1,
+                          static_cast<std::int32_t>(v.head_dim), 0};
+      if (a == 2) return {reinterpret_cast<std::uint32_t*>(v.positions), v.capacity, 1, 1, 1, 0};
+      const SlotExtra& e = extras[static_cast<std::size_t>(a - 3)];
+      return {reinterpret_cast<std::uint32_t*>(e.data), v.capacity, 1, static_cast<std::int32_t>(e.rows_per_kv_head), 1, 0};
+    };
+    for (std::int64_t first = 0; first < total; first += cuda::detail::kMaxSlotArrays) {
+      const std::int64_t count = std::min<std::int64_t>(cuda::detail::kMaxSlotArrays, total - first);
+      std::int64_t words_per_slot = 0;
+      for (std::int64_t a = 0; a < count; ++a) {
+        p.arrays[a] = array_at(first + a);
+        words_per_slot += static_cast<std::int64_t>(p.arrays[a].rows) * p.arrays[a].width;
+      }
+      p.num_arrays = static_cast<std::int32_t>(count);
+      fn(p, words_per_slot);
+    }
+  }
+
+  void grow_workspace(const Sizes& need) {
+    auto grow = [&](auto& buffer, std::int64_t& have, std::int64_t want) {
+      if (want <= have) return;
+      buffer = std::remove_reference_t<decltype(buffer)>(want, stream_);
+      have = want;
+    };
+    grow(move_ws_, sizes_.move_words, need.move_words);
+    grow(logits_, sizes_.logits, need.logits);
+    grow(row_stats_, sizes_.stats, need.stats);
+    grow(partial_, sizes_.partial, need.partial);
+    if (need.move_words > 0) ensure_status();
+  }
+
+  // The few int32 a host decision reads back; allocated by reserve() or on first use.
+  void ensure_status() {
+    if (status_.size() == 0) status_ = cuda::DeviceBuffer<std::int32_t>(kMaxKvHeads, stream_);
+    if (host_status_.size() == 0) host_status_ = cuda::PinnedBuffer<std::int32_t>(kMaxKvHeads);
+  }
+  // Copies status_[0, n) to host_status_ and waits for it.
+  void read_status(std::int64_t n, const char* where) {
+    check(cudaMemcpyAsync(host_status_.data(), status_.data(), static_cast<std::size_t>(n) * sizeof(std::int32_t),
+                          cudaMemcpyDeviceToHost, stream_),
+          where, "cudaMemcpyAsync(status)");
+    check(cudaStreamSynchronize(stream_), where, "cudaStreamSynchronize");
+  }
+
+  cudaStream_t stream_ = nullptr;
+  Sizes sizes_{};
+  cuda::DeviceBuffer<std::uint32_t> move_ws_;      // compaction chunk: [array][kv_head, row, slot, word]
+  cuda::DeviceBuffer<float> logits_;               // [q_head, capacity] per-query logits
+  cuda::DeviceBuffer<float> row_stats_;            // [2][q_head, rows] row max and 1/sum
+  cuda::DeviceBuffer<float> partial_;              // [q_head, chunk, head_dim] attend partial sums
+  cuda::DeviceBuffer<std::int32_t> status_;        // [kMaxKvHeads] device results the host reads
+  cuda::PinnedBuffer<std::int32_t> host_status_;   // [kMaxKvHeads] their landing place
+};
+
+static_assert(Backend<CudaBackend>, "CudaBackend must satisfy the kvevict::Backend concept");
+
+}  // namespace kvevict
