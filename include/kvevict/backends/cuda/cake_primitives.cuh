@@ -66,6 +66,7 @@ __device__ inline float cake_logit(const CakeStatsParams& p, std::int64_t qh, st
 
 // Pass 1: blockIdx.x = window query i, blockIdx.y = q-head. Max over the visible keys, then the
 // sum of exp(l - max).
+template <int = 0>
 __global__ void __launch_bounds__(kCakeRowThreads) cake_row_stats_kernel(CakeStatsParams p) {
   __shared__ float scratch[32];
   const std::int64_t i = blockIdx.x, qh = blockIdx.y;
@@ -89,6 +90,7 @@ __global__ void __launch_bounds__(kCakeRowThreads) cake_row_stats_kernel(CakeSta
 }
 
 // Pass 2: one thread per (key slot, q-head): the key's window probabilities, their statistics.
+template <int = 0>
 __global__ void __launch_bounds__(kCakeThreads) cake_column_stats_kernel(CakeStatsParams p) {
   const std::int64_t qh = blockIdx.y;
   const std::int64_t h = qh / p.layer.group_size;
@@ -122,6 +124,7 @@ __global__ void __launch_bounds__(kCakeThreads) cake_column_stats_kernel(CakeSta
 }
 
 // Pass 3: one block adds every live key's terms in fp64, in a fixed order.
+template <int = 0>
 __global__ void __launch_bounds__(kCakeTotalThreads) cake_stats_total_kernel(CakeStatsParams p) {
   __shared__ double scratch[32];
   const std::int64_t per = static_cast<std::int64_t>(p.layer.num_q_heads) * p.layer.capacity;
@@ -147,16 +150,16 @@ inline CakeWindowStats launch_cake_window_stats(const CakeStatsParams& p, cudaSt
         "cudaMemsetAsync(terms)");
   if (p.queries != nullptr) {
     const dim3 rows(static_cast<unsigned>(p.num_queries), static_cast<unsigned>(p.layer.num_q_heads));
-    cake_row_stats_kernel<<<rows, kCakeRowThreads, 0, stream>>>(p);
+    cake_row_stats_kernel<><<<rows, kCakeRowThreads, 0, stream>>>(p);
     check_launch(where, "cake_row_stats_kernel");
   }
   if (p.layer.max_len > 0) {
     const dim3 grid(static_cast<unsigned>(ceil_div(p.layer.max_len, kCakeThreads)),
                     static_cast<unsigned>(p.layer.num_q_heads));
-    cake_column_stats_kernel<<<grid, kCakeThreads, 0, stream>>>(p);
+    cake_column_stats_kernel<><<<grid, kCakeThreads, 0, stream>>>(p);
     check_launch(where, "cake_column_stats_kernel");
   }
-  cake_stats_total_kernel<<<1, kCakeTotalThreads, 0, stream>>>(p);
+  cake_stats_total_kernel<><<<1, kCakeTotalThreads, 0, stream>>>(p);
   check_launch(where, "cake_stats_total_kernel");
   float totals[2] = {0.0f, 0.0f};
   check(cudaMemcpyAsync(totals, p.terms + 2 * per, sizeof(totals), cudaMemcpyDeviceToHost, stream), where,
@@ -183,6 +186,7 @@ static_assert(std::is_trivially_copyable_v<CakePoolParams>, "kernel parameters m
 
 // slot_of[h, rank(slot)] = slot. Ranks outside [0, len) are ignored (the ranks are a permutation by
 // the policy's construction; the CPU backend checks it).
+template <int = 0>
 __global__ void __launch_bounds__(kCakeThreads) cake_invert_order_kernel(CakePoolParams p) {
   const std::int64_t h = blockIdx.y;
   const std::int64_t s = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -194,6 +198,7 @@ __global__ void __launch_bounds__(kCakeThreads) cake_invert_order_kernel(CakePoo
 }
 
 // out[slot of rank k] for k < len - window: the CPU backend's loop, term for term (bit-identical).
+template <int = 0>
 __global__ void __launch_bounds__(kCakeThreads) cake_pool_kernel(CakePoolParams p) {
   const std::int64_t h = blockIdx.y;
   const std::int64_t k = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -219,9 +224,9 @@ inline void launch_cake_pool(const CakePoolParams& p, cudaStream_t stream, const
   if (p.layer.max_len == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.layer.max_len, kCakeThreads)),
                   static_cast<unsigned>(p.layer.num_kv_heads));
-  cake_invert_order_kernel<<<grid, kCakeThreads, 0, stream>>>(p);
+  cake_invert_order_kernel<><<<grid, kCakeThreads, 0, stream>>>(p);
   check_launch(where, "cake_invert_order_kernel");
-  cake_pool_kernel<<<grid, kCakeThreads, 0, stream>>>(p);
+  cake_pool_kernel<><<<grid, kCakeThreads, 0, stream>>>(p);
   check_launch(where, "cake_pool_kernel");
 }
 
@@ -260,6 +265,7 @@ __device__ inline CakeRankKey cake_rank_key(const CakeRankParams& p, std::int64_
 
 // blockIdx.y = kv-head; each thread owns one slot and counts the entries ranked before it,
 // streaming the head through shared-memory tiles of kCakeThreads entries.
+template <int = 0>
 __global__ void __launch_bounds__(kCakeThreads) cake_rank_kernel(CakeRankParams p) {
   __shared__ CakeRankKey tile[kCakeThreads];
   const std::int64_t h = blockIdx.y;
@@ -284,7 +290,7 @@ inline void launch_cake_rank(const CakeRankParams& p, cudaStream_t stream, const
   if (p.layer.max_len == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.layer.max_len, kCakeThreads)),
                   static_cast<unsigned>(p.layer.num_kv_heads));
-  cake_rank_kernel<<<grid, kCakeThreads, 0, stream>>>(p);
+  cake_rank_kernel<><<<grid, kCakeThreads, 0, stream>>>(p);
   check_launch(where, "cake_rank_kernel");
 }
 
