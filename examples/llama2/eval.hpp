@@ -77,6 +77,7 @@ struct EvalRow {
   Quality quality;
   std::int64_t kv_bytes = 0;  // K and V kept at the end of a window (largest over windows)
   double tokens_per_s = 0.0;  // forward passes (policy hooks included) per second
+  std::int64_t capacity = 0;  // cache slots per (layer, kv_head) the run allocated: budget + spare, or the context
 };
 
 struct EvalResult {
@@ -126,7 +127,7 @@ RunStats run_windows(const Model& model, std::span<const std::vector<int>> windo
     typename Entry::Policy policy(cache, Entry::config(budget));
     for (std::size_t t = 0; t + 1 < windows[w].size(); ++t) {
       const auto start = std::chrono::steady_clock::now();
-      const std::span<const float> logits = transformer.forward(windows[w][t], cache, policy);
+      const std::span<const float> logits = transformer.forward<Entry::observe>(windows[w][t], cache, policy);
       stats.forward_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       ++stats.tokens;
       on_logits(w, t, logits);
@@ -185,7 +186,9 @@ inline EvalResult run_eval(const Model& model, const std::vector<std::vector<int
       progress, "full");
 
   EvalResult result{{}, full_meter.result(), static_cast<std::int64_t>(windows.size()), length, 0.0};
-  if (report_full) result.rows.push_back({"full", length, full_meter.result(), full.kv_bytes, full.tokens / full.forward_seconds});
+  if (report_full)
+    result.rows.push_back({"full", length, full_meter.result(), full.kv_bytes, full.tokens / full.forward_seconds,
+                           cache_capacity<FullEntry>(cfg, 0)});
   for (const auto& [entry, budget] : runs) {
     std::visit(
         [&, budget = budget]<class Entry>(Entry) {
@@ -195,7 +198,8 @@ inline EvalResult run_eval(const Model& model, const std::vector<std::vector<int
               model, windows, budget,
               [&](std::size_t w, std::size_t t, std::span<const float> logits) { meter.add(full_logits(w, t), logits, windows[w][t + 1]); },
               progress, label);
-          result.rows.push_back({std::string(Entry::name), budget, meter.result(), s.kv_bytes, s.tokens / s.forward_seconds});
+          result.rows.push_back({std::string(Entry::name), budget, meter.result(), s.kv_bytes, s.tokens / s.forward_seconds,
+                                 cache_capacity<Entry>(cfg, budget)});
         },
         entry);
   }
@@ -204,12 +208,12 @@ inline EvalResult run_eval(const Model& model, const std::vector<std::vector<int
 }
 
 inline void write_csv(std::ostream& out, const EvalResult& r) {
-  out << "policy,budget,kl,top1,ppl,ppl_full,kv_bytes,tokens_per_s,sequences,tokens_per_sequence\n";
+  out << "policy,budget,kl,top1,ppl,ppl_full,kv_bytes,tokens_per_s,sequences,tokens_per_sequence,capacity\n";
   out << std::setprecision(9);
   for (const auto& row : r.rows)
     out << row.policy << ',' << row.budget << ',' << row.quality.kl << ',' << row.quality.top1 << ',' << row.quality.ppl << ','
         << row.quality.ppl_full << ',' << row.kv_bytes << ',' << row.tokens_per_s << ',' << r.num_sequences << ','
-        << r.tokens_per_sequence << '\n';
+        << r.tokens_per_sequence << ',' << row.capacity << '\n';
 }
 
 // A Markdown table (readable in a terminal, pasteable into a README).
@@ -219,11 +223,11 @@ inline void write_table(std::ostream& out, const EvalResult& r) {
     std::snprintf(buf, sizeof buf, f, v);
     return std::string(buf);
   };
-  out << "| policy        | budget | KL(full‖policy) | top-1 agree | perplexity | KV kept    | tokens/s |\n"
-      << "|---------------|-------:|----------------:|------------:|-----------:|-----------:|---------:|\n";
+  out << "| policy        | budget | slots | KL(full‖policy) | top-1 agree | perplexity | KV kept    | tokens/s |\n"
+      << "|---------------|-------:|------:|----------------:|------------:|-----------:|-----------:|---------:|\n";
   for (const auto& row : r.rows)
     out << "| " << std::left << std::setw(13) << row.policy << std::right << " | " << std::setw(6) << row.budget << " | "
-        << std::setw(15) << fmt("%.4f", row.quality.kl) << " | " << std::setw(11) << fmt("%.2f %%", 100.0 * row.quality.top1)
+        << std::setw(5) << row.capacity << " | " << std::setw(15) << fmt("%.4f", row.quality.kl) << " | " << std::setw(11) << fmt("%.2f %%", 100.0 * row.quality.top1)
         << " | " << std::setw(10) << fmt("%.3f", row.quality.ppl) << " | " << std::setw(10)
         << fmt("%.1f KiB", static_cast<double>(row.kv_bytes) / 1024.0) << " | " << std::setw(8) << fmt("%.0f", row.tokens_per_s)
         << " |\n";

@@ -22,7 +22,7 @@ constexpr const char* kUsage = R"(usage: kvevict-eval [options]
   --tokenizer PATH   llama2.c tokenizer       (default $KVEVICT_MODEL_DIR/tok512.bin)
   --text PATH        stories separated by <|endoftext|> lines
                                               (default $KVEVICT_MODEL_DIR/tinystories_sample.txt)
-  --policies LIST    comma-separated policy names (default: all registered)
+  --policies LIST    comma-separated policy names (default: all registered, listed below)
   --budgets LIST     comma-separated entries per (layer, kv-head) (default 32,64,128,256)
   --sequences N      windows to evaluate (default 64)
   --max-tokens N     tokens per window (default: the model's context length)
@@ -62,7 +62,9 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string key = argv[i];
     if (key == "--help" || key == "-h") {
-      std::cout << kUsage;
+      std::cout << kUsage << "policies:";
+      for (const auto& name : llama2::policy_names()) std::cout << ' ' << name;
+      std::cout << '\n';
       return 0;
     }
     if (key == "--quiet") {

@@ -1,6 +1,7 @@
 // The llama2 forward pass on the CPU (Eigen), one token per call. Keys and values live in a
-// kvevict::KVCache; after each layer's attention any kvevict policy observes the step (with the
-// probabilities attend() already computed) and evicts. This is the whole integration.
+// kvevict::KVCache; after each layer's attention any kvevict policy observes the step (the
+// probabilities attend() already computed, or the step's query) and evicts. This is the whole
+// integration.
 #pragma once
 
 #include <Eigen/Core>
@@ -16,6 +17,11 @@ namespace llama2 {
 
 using Cache = kvevict::KVCache<kvevict::CpuBackend>;
 using Observation = kvevict::Observation<float, kvevict::HostSpace>;
+
+// What a policy observes at each decode step. Most policies score from the step's attention
+// probabilities, which attend() computes anyway; policies that keep queries for later re-scoring
+// (SnapKV's decode schedule buffers the last `window` queries) need the query itself.
+enum class Observe { probabilities, queries };
 
 // Where the next token of `layer` is rotated: the policy decides when it re-indexes positions
 // (StreamingLLM pos-shift); otherwise the token's own position.
@@ -40,9 +46,10 @@ class Transformer {
   [[nodiscard]] const Config& config() const noexcept { return cfg_; }
 
   // Appends `token` to `cache` (the next position of every layer), attends, lets `policy`
-  // observe and evict, and returns the next-token logits [vocab], valid until the next call.
-  // `cache` needs one free slot per kv-head: capacity = budget + 1 for an evicting policy.
-  template <kvevict::EvictionPolicy<Cache> Policy>
+  // observe (`kObserve`: the step's probabilities [q_head, capacity] or its post-RoPE query
+  // [q_head, head_dim]) and evict, and returns the next-token logits [vocab], valid until the next
+  // call. `cache` needs at least one free slot per kv-head (policies.hpp's cache_capacity).
+  template <Observe kObserve = Observe::probabilities, kvevict::EvictionPolicy<Cache> Policy>
   std::span<const float> forward(int token, Cache& cache, Policy& policy) {
     check(token, cache);
     const std::int64_t d = cfg_.dim, kv = cfg_.kv_dim(), hd = cfg_.hidden_dim, cap = cache.shape().capacity;
@@ -62,7 +69,10 @@ class Transformer {
       // k and v are [kv_head, head_dim], q is [q_head, head_dim]: the layouts kvevict expects.
       cache.append_token(l, {k_.data(), kv}, {v_.data(), kv});
       cache.backend().attend(cache.view(l), q_.data(), scale, probs_.data(), att_.data());
-      policy.on_decode(cache, l, Observation::from_probs({probs_.data(), cfg_.num_q_heads * cap}, 1, cap));
+      if constexpr (kObserve == Observe::queries)
+        policy.on_decode(cache, l, Observation::from_queries({q_.data(), d}, 1, scale));
+      else
+        policy.on_decode(cache, l, Observation::from_probs({probs_.data(), cfg_.num_q_heads * cap}, 1, cap));
 
       x_.noalias() += mat(w_.wo + l * d * d, d, d) * att_;
       rmsnorm(xb_, x_, w_.rms_ffn + l * d);

@@ -1,11 +1,14 @@
-// The forward pass on kvevict's cache: run.c's greedy story, and policies that never evict being
-// bit-identical to the full cache.
+// The forward pass on kvevict's cache: run.c's greedy story, policies that never evict being
+// bit-identical to the full cache, and every registered policy holding its budget in the cache
+// the registry sizes for it.
 #include <catch2/catch.hpp>
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
+#include <variant>
 #include <vector>
 
 #include "eval.hpp"
@@ -29,21 +32,35 @@ std::vector<int> story_tokens(std::int64_t n) {
   return llama2::make_windows(tokenizer(), llama2::read_stories(llama2::model_dir() / "tinystories_sample.txt"), 1, n, 7)[0];
 }
 
-// Logits [token, vocab] of feeding `tokens` one by one through an `Entry` policy at `budget`.
+// Logits [token, vocab] of feeding `tokens` one by one through an `Entry` policy at `budget`, in
+// the cache the registry sizes for it. `max_len`: the most entries any (layer, kv_head) held
+// after a step (the step's own token appended, the policy's eviction done).
 template <class Entry>
-std::vector<float> run_logits(const std::vector<int>& tokens, std::int64_t budget, llama2::Cache* keep = nullptr) {
+std::vector<float> run_logits(const std::vector<int>& tokens, std::int64_t budget, llama2::Cache* keep = nullptr,
+                              std::int64_t* max_len = nullptr) {
   const llama2::Config& cfg = model().config();
   llama2::Cache cache(cfg.cache_shape(llama2::cache_capacity<Entry>(cfg, budget)));
   typename Entry::Policy policy(cache, Entry::config(budget));
   llama2::Transformer transformer(model());
   std::vector<float> out;
+  std::int64_t most = 0;
   for (int t : tokens) {
-    const auto logits = transformer.forward(t, cache, policy);
+    const auto logits = transformer.forward<Entry::observe>(t, cache, policy);
     out.insert(out.end(), logits.begin(), logits.end());
     cache.check_invariants();
+    for (std::int64_t l = 0; l < cfg.num_layers; ++l) most = std::max(most, cache.max_len(l));
   }
+  if (max_len != nullptr) *max_len = most;
   if (keep != nullptr) *keep = std::move(cache);
   return out;
+}
+
+// Calls f.template operator()<Entry>() for every registered entry.
+template <class F>
+void for_each_entry(F&& f) {
+  [&]<std::size_t... I>(std::index_sequence<I...>) {
+    (f.template operator()<std::variant_alternative_t<I, llama2::PolicyEntry>>(), ...);
+  }(std::make_index_sequence<std::variant_size_v<llama2::PolicyEntry>>{});
 }
 
 }  // namespace
@@ -83,11 +100,18 @@ TEST_CASE("a policy whose budget covers the sequence gives logits bit-equal to t
     WARN(reason);
     return;
   }
+  // Holds for every registered policy: each evicts only once a layer holds more than its budget
+  // (PyramidKV: fewer tokens seen than C keep everything), and the extra slots of a larger cache
+  // change nothing. SnapKV/PyramidKV also take queries instead of probabilities here.
   const std::vector<int> tokens = story_tokens(96);
   const std::vector<float> full = run_logits<llama2::FullEntry>(tokens, 0);
-  CHECK(run_logits<llama2::StreamingLLMEntry>(tokens, 96) == full);
-  CHECK(run_logits<llama2::H2OEntry>(tokens, 96) == full);
-  CHECK(run_logits<llama2::H2OEntry>(tokens, 200) == full);
+  for_each_entry([&]<class Entry>() {
+    if constexpr (Entry::bounded) {
+      INFO(Entry::name);
+      CHECK(run_logits<Entry>(tokens, 96) == full);
+      CHECK(run_logits<Entry>(tokens, 200) == full);
+    }
+  });
 }
 
 TEST_CASE("evicting policies hold their budget per head and keep their protected positions", "[engine]") {
@@ -122,6 +146,91 @@ TEST_CASE("evicting policies hold their budget per head and keep their protected
   CHECK(std::equal(h.begin(), h.begin() + budget * row, full.begin()));
   CHECK(!std::equal(s.begin() + (budget + 1) * row, s.end(), full.begin() + (budget + 1) * row));
   CHECK(!std::equal(h.begin() + (budget + 1) * row, h.end(), full.begin() + (budget + 1) * row));
+}
+
+TEST_CASE("every registered policy fills the cache the registry sizes for it, up to its last slot", "[engine]") {
+  std::string reason;
+  if (!llama2::test::have_model_files(reason)) {
+    WARN(reason);
+    return;
+  }
+  // At budget 16 over 80 tokens every policy evicts several times, so each reaches its peak:
+  // one slot over the budget for those evicting every step, budget + interval - 1 after a step for
+  // SnapKV / LazyEviction (the step's append fills the last slot), the largest layer budget +
+  // interval - 1 for PyramidKV. A cache one slot smaller would overflow; a larger one wastes it.
+  const std::vector<int> tokens = story_tokens(80);
+  const std::int64_t budget = 16;
+  const llama2::Config& cfg = model().config();
+  const auto row = static_cast<std::ptrdiff_t>(cfg.vocab_size);
+  const std::vector<float> full = run_logits<llama2::FullEntry>(tokens, 0);
+  for_each_entry([&]<class Entry>() {
+    if constexpr (Entry::bounded) {
+      INFO(Entry::name);
+      std::int64_t most = 0;
+      const std::vector<float> logits = run_logits<Entry>(tokens, budget, nullptr, &most);
+      CHECK(most == llama2::cache_capacity<Entry>(cfg, budget) - 1);
+      CHECK(std::equal(logits.begin(), logits.begin() + budget * row, full.begin()));  // nothing evicted yet
+      CHECK(logits != full);
+    }
+  });
+}
+
+TEST_CASE("windowed policies end a run at their budget with their newest window kept", "[engine]") {
+  std::string reason;
+  if (!llama2::test::have_model_files(reason)) {
+    WARN(reason);
+    return;
+  }
+  // 80 tokens: step 80 is an eviction step of every interval used at budget 16 (4 for all).
+  const std::vector<int> tokens = story_tokens(80);
+  const std::int64_t n = 80, budget = 16, window = 4;
+  const llama2::Config& cfg = model().config();
+  REQUIRE(llama2::observation_window(budget) == window);
+  REQUIRE(llama2::LazyEvictionEntry::window(budget) == window);
+  auto check_newest = [&](const llama2::Cache& cache, std::int64_t l, std::int64_t kv) {
+    const std::vector<std::int32_t> kept = cache.kept_positions(l, kv);
+    for (std::int64_t p = n - window; p < n; ++p)
+      CHECK(std::find(kept.begin(), kept.end(), static_cast<std::int32_t>(p)) != kept.end());
+  };
+  llama2::Cache snapkv(cfg.cache_shape(1)), lazy(cfg.cache_shape(1)), cake(cfg.cache_shape(1)), pyramid(cfg.cache_shape(1));
+  run_logits<llama2::SnapKVEntry>(tokens, budget, &snapkv);
+  run_logits<llama2::LazyEvictionEntry>(tokens, budget, &lazy);
+  run_logits<llama2::CAKEEntry>(tokens, budget, &cake);
+  run_logits<llama2::PyramidKVEntry>(tokens, budget, &pyramid);
+  // PyramidKV at 80 tokens seen, C = 16, w = 4, beta = 20: min = 12 / 20 = 0, max = 24,
+  // steps = 24 / 4 = 6, layer l keeps 24 - 6 l + 4: the pyramid averages the budget.
+  const std::vector<std::int64_t> pyramid_lens = {28, 22, 16, 10, 4};
+  std::int64_t pyramid_total = 0;
+  for (std::int64_t l = 0; l < cfg.num_layers; ++l)
+    for (std::int64_t kv = 0; kv < cfg.num_kv_heads; ++kv) {
+      INFO("layer " << l << ", kv-head " << kv);
+      for (const llama2::Cache* c : {&snapkv, &lazy, &cake}) {
+        CHECK(c->len(l, kv) == budget);
+        check_newest(*c, l, kv);
+      }
+      CHECK(pyramid.len(l, kv) == pyramid_lens[static_cast<std::size_t>(l)]);
+      check_newest(pyramid, l, kv);
+      pyramid_total += pyramid.len(l, kv);
+    }
+  CHECK(pyramid_total == budget * cfg.num_layers * cfg.num_kv_heads);
+}
+
+TEST_CASE("SnapKV's decode schedule needs the step's query, which its registry entry asks for", "[engine]") {
+  std::string reason;
+  if (!llama2::test::have_model_files(reason)) {
+    WARN(reason);
+    return;
+  }
+  STATIC_REQUIRE(llama2::SnapKVEntry::observe == llama2::Observe::queries);
+  STATIC_REQUIRE(llama2::PyramidKVEntry::observe == llama2::Observe::queries);
+  const llama2::Config& cfg = model().config();
+  llama2::Cache cache(cfg.cache_shape(llama2::cache_capacity<llama2::SnapKVEntry>(cfg, 32)));
+  llama2::SnapKVEntry::Policy policy(cache, llama2::SnapKVEntry::config(32));
+  llama2::Transformer transformer(model());
+  CHECK_THROWS_AS(transformer.forward<llama2::Observe::probabilities>(1, cache, policy), kvevict::UnsupportedError);
+  cache.clear();
+  llama2::SnapKVEntry::Policy fresh(cache, llama2::SnapKVEntry::config(32));
+  CHECK_NOTHROW(transformer.forward<llama2::Observe::queries>(1, cache, fresh));
 }
 
 TEST_CASE("the forward pass rejects a cache shaped for another model and tokens outside the vocabulary", "[engine]") {
