@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
       else if (key == "--budget") budget = std::stoll(value);
       else if (key == "--steps") steps = std::stoll(value);
       else {
-        std::cerr << "usage: llama2-generate [--prompt TEXT] [--steps N] [--policy full|streaming_llm|h2o] [--budget B]\n";
+        std::cerr << "usage: llama2-generate [--prompt TEXT] [--steps N] [--policy NAME (see kvevict-eval --help)] [--budget B]\n";
         return 2;
       }
     }
@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
           const std::int64_t max_steps = Entry::bounded ? steps : std::min(steps, cfg.seq_len);  // full: one context
           int token = tokens[0];
           for (std::int64_t pos = 0; pos < max_steps; ++pos) {
-            const std::span<const float> logits = transformer.forward(token, cache, policy);
+            const std::span<const float> logits = transformer.template forward<Entry::observe>(token, cache, policy);
             const int next = pos + 1 < static_cast<std::int64_t>(tokens.size()) ? tokens[static_cast<std::size_t>(pos + 1)]
                                                                                 : llama2::argmax(logits);
             if (next == llama2::Tokenizer::kBos) break;  // the model ends a story by starting the next

@@ -50,12 +50,15 @@ struct Panel {
 
 inline void write_svg(std::ostream& out, const EvalResult& r, const std::string& title) {
   using detail::num;
-  constexpr double kW = 330, kH = 320, kLeft = 60, kRight = 15, kTop = 75, kBottom = 45;  // one panel, px
-  static const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"};
+  constexpr double kW = 330, kH = 335, kLeft = 60, kRight = 15, kTop = 90, kBottom = 45;  // one panel, px
+  static const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+                                  "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#ad494a"};
+  constexpr std::size_t kNumColors = sizeof(kColors) / sizeof(kColors[0]);
+  constexpr std::size_t kLegendColumns = 6;  // entries per legend row, 160 px each
   const std::vector<detail::Panel> panels = {
       {"mean KL(full ‖ policy), nats", [](const EvalRow& x) { return x.quality.kl; }, true},
       {"top-1 agreement with full", [](const EvalRow& x) { return x.quality.top1; }, false},
-      {"perplexity", [](const EvalRow& x) { return x.quality.ppl; }, false},
+      {"perplexity (log axis)", [](const EvalRow& x) { return x.quality.ppl; }, true},
   };
   std::map<std::string, std::vector<const EvalRow*>> lines;  // bounded policies, by name
   std::vector<std::string> order;
@@ -76,14 +79,19 @@ inline void write_svg(std::ostream& out, const EvalResult& r, const std::string&
   out << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << total_w << "\" height=\"" << kH + 20
       << "\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
       << "<text x=\"" << total_w / 2 << "\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">" << detail::xml_escape(title) << "</text>\n";
-  // Legend, under the title.
-  double lx = 20;
-  for (std::size_t i = 0; i < order.size(); ++i, lx += 130)
-    out << "<line x1=\"" << lx << "\" y1=\"40\" x2=\"" << lx + 24 << "\" y2=\"40\" stroke=\"" << kColors[i % 8]
-        << "\" stroke-width=\"2\"/><text x=\"" << lx + 30 << "\" y=\"44\">" << detail::xml_escape(order[i]) << "</text>\n";
-  if (full != nullptr)
-    out << "<line x1=\"" << lx << "\" y1=\"40\" x2=\"" << lx + 24 << "\" y2=\"40\" stroke=\"gray\" stroke-dasharray=\"4 3\"/>"
-        << "<text x=\"" << lx + 30 << "\" y=\"44\">full cache</text>\n";
+  // Legend, under the title, wrapped into rows.
+  auto legend_x = [](std::size_t i) { return 20.0 + 160.0 * static_cast<double>(i % kLegendColumns); };
+  auto legend_y = [](std::size_t i) { return 38.0 + 16.0 * static_cast<double>(i / kLegendColumns); };
+  for (std::size_t i = 0; i < order.size(); ++i)
+    out << "<line x1=\"" << legend_x(i) << "\" y1=\"" << legend_y(i) << "\" x2=\"" << legend_x(i) + 24 << "\" y2=\""
+        << legend_y(i) << "\" stroke=\"" << kColors[i % kNumColors] << "\" stroke-width=\"2\"/><text x=\"" << legend_x(i) + 30
+        << "\" y=\"" << legend_y(i) + 4 << "\">" << detail::xml_escape(order[i]) << "</text>\n";
+  if (full != nullptr) {
+    const std::size_t i = order.size();
+    out << "<line x1=\"" << legend_x(i) << "\" y1=\"" << legend_y(i) << "\" x2=\"" << legend_x(i) + 24 << "\" y2=\""
+        << legend_y(i) << "\" stroke=\"gray\" stroke-dasharray=\"4 3\"/><text x=\"" << legend_x(i) + 30 << "\" y=\""
+        << legend_y(i) + 4 << "\">full cache</text>\n";
+  }
   if (budgets.empty()) {
     out << "</svg>\n";
     return;
@@ -154,9 +162,9 @@ inline void write_svg(std::ostream& out, const EvalResult& r, const std::string&
       for (const EvalRow* row : rows) {
         const double x = sx(static_cast<double>(row->budget)), y = sy(panel.value(*row));
         points += num(x, "%.1f") + "," + num(y, "%.1f") + " ";
-        out << "<circle cx=\"" << num(x, "%.1f") << "\" cy=\"" << num(y, "%.1f") << "\" r=\"3\" fill=\"" << kColors[i % 8] << "\"/>\n";
+        out << "<circle cx=\"" << num(x, "%.1f") << "\" cy=\"" << num(y, "%.1f") << "\" r=\"3\" fill=\"" << kColors[i % kNumColors] << "\"/>\n";
       }
-      out << "<polyline points=\"" << points << "\" fill=\"none\" stroke=\"" << kColors[i % 8] << "\" stroke-width=\"2\"/>\n";
+      out << "<polyline points=\"" << points << "\" fill=\"none\" stroke=\"" << kColors[i % kNumColors] << "\" stroke-width=\"2\"/>\n";
     }
     out << "</g>\n";
   }

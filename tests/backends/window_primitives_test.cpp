@@ -306,7 +306,7 @@ TEST_CASE("max pooling ignores padding: negative rows keep their edge values ins
   CHECK(out == std::vector<float>{-1.f, -1.f, -1.f, -2.f, -2.f, 100.f});
 }
 
-TEST_CASE("pool_tokens equals PyTorch-style avg and max pooling over [0, span) for every row of every kv-head",
+TEST_CASE("pool_tokens equals PyTorch-style avg and max pooling over (0, span) for every row of every kv-head",
           "[backend][cpu][window][pool]") {
   for (std::uint64_t seed = 1; seed <= 60; ++seed) {
     CAPTURE(seed);
@@ -397,7 +397,7 @@ TEST_CASE("key_norm_scores is minus the L2 norm of every live key", "[backend][c
   }
 }
 
-TEST_CASE("key_diff_scores is minus the cosine to the mean unit key of the head; a zero key scores 0",
+TEST_CASE("key_diff_scores is minus the cosine to the mean unit key of the head, a zero key scores 0",
           "[backend][cpu][keyscore]") {
   for (std::uint64_t seed = 1; seed <= 10; ++seed) {
     CAPTURE(seed);

@@ -106,7 +106,7 @@ TEST_CASE("a CUDA policy rejects non-finite or host-resident observations before
   REQUIRE(cache.state_hash() == before);
 }
 
-TEST_CASE("DeviceBuffer is zeroed and move-only; CudaBackend copies share the stream and own their workspace",
+TEST_CASE("DeviceBuffer is zeroed and move-only, CudaBackend copies share the stream and own their workspace",
           "[cuda][contract]") {
   if (!device_available()) return;
   cudaStream_t stream = nullptr;

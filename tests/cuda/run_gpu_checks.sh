@@ -176,9 +176,11 @@ SANITIZER="$(command -v compute-sanitizer 2>/dev/null || true)"
 [[ -z "$SANITIZER" && -x /usr/local/cuda/compute-sanitizer/compute-sanitizer ]] &&
   SANITIZER=/usr/local/cuda/compute-sanitizer/compute-sanitizer
 if [[ -x "$TESTS_BIN" && -n "$SANITIZER" ]]; then
-  # Small shapes (KVEVICT_CUDA_TEST_SMALL) so every kernel runs under the tool in time.
+  # Small shapes (KVEVICT_CUDA_TEST_SMALL) so every kernel runs under the tool in time. The test
+  # that provokes a real cudaMalloc failure on purpose is left out: memcheck reports the API error.
   KVEVICT_CUDA_TEST_SMALL=1 run_step memcheck "$(time_for 180 70)" "$OUT/memcheck.txt" \
-    "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 20 --leak-check no "$TESTS_BIN"
+    "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 20 --leak-check no "$TESTS_BIN" \
+    "~CUDA runtime failures become CudaError naming the call"
 elif [[ -x "$TESTS_BIN" ]]; then
   log "compute-sanitizer not found"
   FAILED+=("memcheck (compute-sanitizer missing)")

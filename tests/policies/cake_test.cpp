@@ -548,7 +548,7 @@ CAKEConfig small_config() {
 
 // ---------------------------------------------------------------- budgets
 
-TEST_CASE("adjust_budgets reproduces the published example: [10.7, 500.2, 100.1], T=600, prefix 300 -> [106, 297, 197]",
+TEST_CASE("adjust_budgets reproduces the published example: (10.7, 500.2, 100.1), T=600, prefix 300 -> (106, 297, 197)",
           "[cake][budgets]") {
   const std::vector<double> shares{10.7, 500.2, 100.1};
   std::vector<std::int64_t> out(3);
@@ -603,7 +603,7 @@ TEST_CASE("adjust_budgets agrees with the reference restatement over random shar
   }
 }
 
-TEST_CASE("the cascade toy: preferences [5, 1, 3, 1], T=32 give [32], [27, 5], [18, 4, 10], [17, 3, 9, 3]",
+TEST_CASE("the cascade toy: preferences (5, 1, 3, 1), T=32 give (32), (27, 5), (18, 4, 10), (17, 3, 9, 3)",
           "[cake][budgets]") {
   LayerBudgets<ProportionalAllocation> budgets(4, 8, ProportionalAllocation{}, LayerSchedule::cascading);
   CHECK(budgets.total() == 32);

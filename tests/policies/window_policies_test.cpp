@@ -859,7 +859,7 @@ TEST_CASE("PyramidKV with capacity <= window, or a model of fewer than 2 layers,
       "layer_ids");
 }
 
-TEST_CASE("A compression_ratio outside [0, 1) is a BudgetError naming 'compression_ratio' for every press",
+TEST_CASE("A compression_ratio outside (0, 1) is a BudgetError naming 'compression_ratio' for every press",
           "[policy][kvpress][errors]") {
   Cache cache = filled_cache(2, 30, 64);
   for (double cr : {-0.1, 1.0, 1.5, std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
@@ -894,7 +894,7 @@ TEST_CASE("TOVA given other than one query or probability row is an ArgumentErro
   CHECK(cache.len(0, 0) == 16);
 }
 
-TEST_CASE("SnapKV re-scoring at decode from probabilities is an UnsupportedError, cache unchanged; queries then work",
+TEST_CASE("SnapKV re-scoring at decode from probabilities is an UnsupportedError, cache unchanged, queries then work",
           "[policy][snapkv][decode][errors]") {
   Cache cache = filled_cache(1, 30, 64);
   SnapKV<Cache> policy(cache, SnapKVConfig{.capacity = 16,

@@ -42,9 +42,15 @@ class H2O : public TopKEvictionPolicy<Cache, AccumulatedAttentionScorer<Cache>> 
  public:
   H2O(Cache& cache, const H2OConfig& cfg)
       : Base(cache, "h2o", AccumulatedAttentionScorer<Cache>(cache, cfg.group_agg),
-             UniformBudget{cfg.num_heavy + cfg.num_recent}, SinkRecentSelector{0, cfg.num_recent},
-             EvictionOptions{.schedule = cfg.schedule}) {
+             UniformBudget{checked_heavy(cfg) + cfg.num_recent}, SinkRecentSelector{0, cfg.num_recent},
+             EvictionOptions{.schedule = cfg.schedule}) {}
+
+ private:
+  // Checked before the base validates heavy + recent as a budget, so a negative num_heavy is
+  // reported as itself rather than as a budget below the recent window.
+  static std::int64_t checked_heavy(const H2OConfig& cfg) {
     if (cfg.num_heavy < 0) detail::fail<ArgumentError>("H2O (constructor)", "num_heavy", cfg.num_heavy, "must be >= 0");
+    return cfg.num_heavy;
   }
 };
 

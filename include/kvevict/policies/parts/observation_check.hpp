@@ -28,7 +28,10 @@ void check_observation(const char* where, Cache& cache, std::int64_t layer, cons
     if (obs.queries.size != expected)
       fail<ShapeError>(where, "queries.size", obs.queries.size,
                        "must equal num_q_heads * num_queries * head_dim = " + std::to_string(expected));
-    if (obs.first_position < -1 || obs.first_position + obs.num_queries > cache.next_position(layer))
+    // -1 means first = next_position - num_queries, which must not be negative either.
+    const std::int64_t first =
+        obs.first_position >= 0 ? obs.first_position : cache.next_position(layer) - obs.num_queries;
+    if (obs.first_position < -1 || first < 0 || first + obs.num_queries > cache.next_position(layer))
       fail<ArgumentError>(where, "first_position", obs.first_position,
                           "must be -1 (the last num_queries tokens) or a position with first + num_queries <= " +
                               std::to_string(cache.next_position(layer)));
