@@ -6,8 +6,8 @@
 //
 // Synchronisation: a primitive returns once its kernels are queued, except where the host needs
 // a result: all_finite (the answer), select_topk (the protected counts behind its BudgetError),
-// replace_with_last (the victims, validated before anything moves, as on the CPU), and the two
-// copies. Those synchronise this backend's stream only, never the device.
+// replace_with_last (the victims, validated before anything moves, as on the CPU), head_budgets
+// (the per-head counts, computed on the host once per layer), and the two copies. Those synchronise this backend's stream only, never the device.
 //
 // Host memory: LayerView::lens, fresh_from and keep_count are host arrays, as the concept says;
 // they reach the kernels by value (at most kMaxKvHeads kv-heads per layer). Every other pointer
@@ -24,6 +24,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "kvevict/backends/cuda/cuda_check.cuh"
 #include "kvevict/backends/cuda/detail/append.cuh"
@@ -35,6 +36,7 @@
 #include "kvevict/backends/cuda/detail/move_slots.cuh"
 #include "kvevict/backends/cuda/detail/rotate.cuh"
 #include "kvevict/backends/cuda/detail/select.cuh"
+#include "kvevict/backends/cuda/detail/window_scoring.cuh"
 #include "kvevict/backends/cuda/device_buffer.cuh"
 #include "kvevict/core/backend.hpp"
 #include "kvevict/core/error.hpp"
@@ -58,6 +60,8 @@ class CudaBackend {
   static constexpr std::int64_t kSmallQueryBatch = 16;
   // Output slots per kv-head that one compaction chunk moves (bounds the compaction workspace).
   static constexpr std::int64_t kCompactChunkSlots = 4096;
+  // Floats of the bounce buffer through which copy_within moves overlapping ranges.
+  static constexpr std::int64_t kCopyBounceFloats = std::int64_t{1} << 16;
 
   // Every kernel and copy runs on `stream` (0: the legacy default stream). Does not allocate and
   // needs no device; reserve() does both.
@@ -105,6 +109,9 @@ class CudaBackend {
     need.logits = shape.num_q_heads * shape.capacity;
     need.stats = 2 * shape.num_q_heads * shape.capacity;
     need.partial = shape.num_q_heads * cuda::detail::ceil_div(shape.capacity, cuda::detail::kAttendChunk) * shape.head_dim;
+    need.window_probs = cuda::detail::kWindowRowTile * shape.capacity;
+    need.bounce = kCopyBounceFloats;
+    need.host_layer = shape.num_kv_heads * shape.capacity;
     grow_workspace(need);
   }
 
@@ -344,12 +351,171 @@ class CudaBackend {
     cuda::detail::launch_rotate_keys(p, stream_);
   }
 
+  // ---- Observation-window primitives (WindowScoringBackend) ----
+
+  // Copies n floats within device memory; the ranges may overlap (memmove semantics: disjoint
+  // ranges take one device-to-device copy, overlapping ones go through the reserved bounce
+  // buffer piece by piece, front to back or back to front). Queued on the stream, no sync.
+  void copy_within(const float* src, float* dst, std::int64_t n) {
+    constexpr const char* where = "CudaBackend::copy_within";
+    if (n <= 0 || src == dst) return;
+    const bool overlap = src < dst + n && dst < src + n;
+    if (!overlap) {
+      check(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(n) * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+            where, "cudaMemcpyAsync");
+      return;
+    }
+    if (bounce_.size() == 0) {
+      bounce_ = cuda::DeviceBuffer<float>(kCopyBounceFloats, stream_);
+      sizes_.bounce = kCopyBounceFloats;
+    }
+    const std::int64_t piece = bounce_.size();
+    const std::int64_t pieces = cuda::detail::ceil_div(n, piece);
+    for (std::int64_t k = 0; k < pieces; ++k) {
+      // dst below src: front to back (a piece only overwrites source already read); else back to front.
+      const std::int64_t idx = dst < src ? k : pieces - 1 - k;
+      const std::int64_t off = idx * piece;
+      const auto bytes = static_cast<std::size_t>(std::min(piece, n - off)) * sizeof(float);
+      check(cudaMemcpyAsync(bounce_.data(), src + off, bytes, cudaMemcpyDeviceToDevice, stream_), where, "cudaMemcpyAsync(in)");
+      check(cudaMemcpyAsync(dst + off, bounce_.data(), bytes, cudaMemcpyDeviceToDevice, stream_), where, "cudaMemcpyAsync(out)");
+    }
+  }
+
+  // Window statistics from queries [q_head, num_queries, head_dim]: sums[qh, j] = sum_i p_i(j)
+  // and, when sumsq != nullptr, sumsq[qh, j] = sum_i p_i(j)^2, with p_i query i's fp32 softmax
+  // over the keys whose position <= first_pos + i (a query seeing none adds nothing). Overwrites
+  // both for the live slots. kWindowRowTile (q-head, query) rows at a time: one block per row
+  // writes its probabilities to the [kWindowRowTile, capacity] workspace, then a column kernel
+  // adds them in query order (deterministic; no atomics).
+  void window_column_stats(const LayerView<float>& v, const float* queries, std::int64_t num_queries,
+                           std::int64_t first_pos, float scale, float* sums, float* sumsq) {
+    constexpr const char* where = "CudaBackend::window_column_stats";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    if (num_queries > 0) require_workspace(where, "window probabilities", cuda::detail::kWindowRowTile * v.capacity, window_ws_.size());
+    cuda::detail::launch_window_column_stats(layer, queries, std::max<std::int64_t>(num_queries, 0), first_pos, scale,
+                                             sums, sumsq, window_ws_.data(), stream_, where);
+  }
+
+  // The same statistics from probabilities [q_head, num_queries, probs_stride], summed in query
+  // order (bit-identical to the CPU backend).
+  void window_column_stats_from_probs(const LayerView<float>& v, const float* probs, std::int64_t num_queries,
+                                      std::int64_t probs_stride, float* sums, float* sumsq) const {
+    constexpr const char* where = "CudaBackend::window_column_stats_from_probs";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    if (num_queries <= 0) {
+      cuda::detail::launch_zero_live({layer, sums, sumsq}, stream_, where);
+      return;
+    }
+    cuda::detail::launch_column_stats(
+        {layer, probs, num_queries, probs_stride, 0, v.num_q_heads * num_queries, false, sums, sumsq}, stream_, where);
+  }
+
+  // out[r, j] = pool over in[r, j - k/2 .. j + k/2] within slots [0, span[h]) (avg zero-pads and
+  // divides by the kernel; max ignores padding); slots in [span[h], lens[h]) are copied through.
+  // span: host [kv_head]. Bit-identical to the CPU backend.
+  void pool_tokens(const LayerView<float>& v, const float* in, float* out, std::int64_t rows_per_kv_head,
+                   const std::int64_t* span, std::int64_t kernel, PoolKind kind) const {
+    constexpr const char* where = "CudaBackend::pool_tokens";
+    cuda::detail::PoolParams p{};
+    p.layer = cuda::detail::make_device_layer(where, v);
+    p.in = in;
+    p.out = out;
+    p.rows_per_kv_head = rows_per_kv_head;
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h)
+      p.span.v[h] = static_cast<std::int32_t>(std::clamp<std::int64_t>(span[h], 0, v.lens[h]));
+    p.radius = static_cast<std::int32_t>(kernel / 2);
+    p.inv_kernel = 1.0f / static_cast<float>(kernel);
+    p.max = kind == PoolKind::max;
+    cuda::detail::launch_pool_tokens(p, stream_, where);
+  }
+
+  // out[h, j] = mean over all q-heads of in[qh, j] for j < lens[0], written to every kv-head row
+  // (bit-identical to the CPU backend).
+  void layer_mean(const LayerView<float>& v, const float* in, float* out) const {
+    constexpr const char* where = "CudaBackend::layer_mean";
+    cuda::detail::launch_layer_mean({cuda::detail::make_device_layer(where, v), in, out}, stream_, where);
+  }
+
+  // out[h, j] = -||k_j||_2.
+  void key_norm_scores(const LayerView<float>& v, float* out) const {
+    constexpr const char* where = "CudaBackend::key_norm_scores";
+    cuda::detail::launch_key_norm_scores({cuda::detail::make_device_layer(where, v), out}, stream_, where);
+  }
+
+  // out[h, j] = -cos(k_j, a), a = mean_j k_j / max(||k_j||, 1e-12) (KeyDiff). One block per kv-head.
+  void key_diff_scores(const LayerView<float>& v, float* out) const {
+    constexpr const char* where = "CudaBackend::key_diff_scores";
+    cuda::detail::launch_key_diff_scores({cuda::detail::make_device_layer(where, v), out}, stream_, where);
+  }
+
+  // Every protected entry's score becomes max(unprotected of its head) + 1 (0 + 1 if none).
+  void raise_protected(const LayerView<float>& v, float* scores, ProtectRule rule) const {
+    constexpr const char* where = "CudaBackend::raise_protected";
+    cuda::detail::launch_raise_protected({cuda::detail::make_device_layer(where, v), scores, rule.sink_end, rule.recent_begin},
+                                         stream_, where);
+  }
+
+  // AdaKV-style per-head budgets (CpuBackend::head_budgets' rule; counts: host [kv_head]).
+  // Synchronises the stream once: the layer's scores and positions are copied to pinned host
+  // memory and the allocation runs on the host (a prefill-time, once-per-layer decision).
+  void head_budgets(const LayerView<float>& v, const float* scores, ProtectRule rule, std::int64_t total,
+                    std::int64_t floor, std::int64_t* counts) {
+    constexpr const char* where = "CudaBackend::head_budgets";
+    (void)cuda::detail::make_device_layer(where, v);
+    const std::int64_t entries = v.num_kv_heads * v.capacity;
+    require_workspace(where, "head_budgets host mirror", entries, sizes_.host_layer);
+    check(cudaMemcpyAsync(host_scores_.data(), scores, static_cast<std::size_t>(entries) * sizeof(float),
+                          cudaMemcpyDeviceToHost, stream_),
+          where, "cudaMemcpyAsync(scores)");
+    check(cudaMemcpyAsync(host_positions_.data(), v.positions, static_cast<std::size_t>(entries) * sizeof(std::int32_t),
+                          cudaMemcpyDeviceToHost, stream_),
+          where, "cudaMemcpyAsync(positions)");
+    check(cudaStreamSynchronize(stream_), where, "cudaStreamSynchronize");
+    std::int64_t pool_size = 0, assigned = 0;
+    std::int32_t* order = host_order_.data();
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      const std::int32_t* pos = host_positions_.data() + h * v.capacity;
+      const float* s = host_scores_.data() + h * v.capacity;
+      std::int64_t c = 0;
+      for (std::int64_t j = 0; j < n; ++j)
+        if (!rule.protects(pos[j])) order[c++] = static_cast<std::int32_t>(j);
+      const std::int64_t num_protected = n - c;
+      const std::int64_t f = std::min(floor, c);
+      auto before = [&](std::int32_t a, std::int32_t b) { return s[a] > s[b] || (s[a] == s[b] && pos[a] < pos[b]); };
+      if (f < c) std::nth_element(order, order + f, order + c, before);
+      counts[h] = num_protected + f;
+      assigned += f;
+      for (std::int64_t i = f; i < c; ++i) {
+        const std::int32_t j = order[i];
+        host_pool_[static_cast<std::size_t>(pool_size++)] = {s[j], pos[j], static_cast<std::int32_t>(h)};
+      }
+    }
+    const std::int64_t rest = std::clamp<std::int64_t>(total - assigned, 0, pool_size);
+    auto first = host_pool_.begin();
+    auto before = [](const BudgetEntry& a, const BudgetEntry& b) {
+      if (a.score != b.score) return a.score > b.score;
+      if (a.pos != b.pos) return a.pos < b.pos;
+      return a.head < b.head;
+    };
+    if (rest < pool_size) std::nth_element(first, first + rest, first + pool_size, before);
+    for (std::int64_t i = 0; i < rest; ++i) counts[host_pool_[static_cast<std::size_t>(i)].head] += 1;
+  }
+
  private:
+  struct BudgetEntry {
+    float score;
+    std::int32_t pos;
+    std::int32_t head;
+  };
   struct Sizes {
     std::int64_t move_words = 0;  // compaction chunk workspace (32-bit words)
     std::int64_t logits = 0;      // [q_head, capacity]
     std::int64_t stats = 0;       // 2 x [q_head, rows]
     std::int64_t partial = 0;     // [q_head, chunk, head_dim]
+    std::int64_t window_probs = 0;  // [kWindowRowTile, capacity]
+    std::int64_t bounce = 0;        // copy_within bounce floats
+    std::int64_t host_layer = 0;    // [kv_head, capacity] host mirror of head_budgets
   };
 
   template <class T>
@@ -412,6 +578,15 @@ class CudaBackend {
     grow(logits_, sizes_.logits, need.logits);
     grow(row_stats_, sizes_.stats, need.stats);
     grow(partial_, sizes_.partial, need.partial);
+    grow(window_ws_, sizes_.window_probs, need.window_probs);
+    grow(bounce_, sizes_.bounce, need.bounce);
+    if (need.host_layer > sizes_.host_layer) {
+      host_scores_ = cuda::PinnedBuffer<float>(need.host_layer);
+      host_positions_ = cuda::PinnedBuffer<std::int32_t>(need.host_layer);
+      host_order_.assign(static_cast<std::size_t>(need.host_layer), 0);
+      host_pool_.assign(static_cast<std::size_t>(need.host_layer), BudgetEntry{});
+      sizes_.host_layer = need.host_layer;
+    }
     if (need.move_words > 0) ensure_status();
   }
 
@@ -436,8 +611,15 @@ class CudaBackend {
   cuda::DeviceBuffer<float> partial_;              // [q_head, chunk, head_dim] attend partial sums
   cuda::DeviceBuffer<std::int32_t> status_;        // [kMaxKvHeads] device results the host reads
   cuda::PinnedBuffer<std::int32_t> host_status_;   // [kMaxKvHeads] their landing place
+  cuda::DeviceBuffer<float> window_ws_;            // [kWindowRowTile, capacity] window probabilities
+  cuda::DeviceBuffer<float> bounce_;               // [kCopyBounceFloats] copy_within overlap bounce
+  cuda::PinnedBuffer<float> host_scores_;          // [kv_head, capacity] head_budgets scores
+  cuda::PinnedBuffer<std::int32_t> host_positions_;  // [kv_head, capacity] head_budgets positions
+  std::vector<std::int32_t> host_order_;           // head_budgets candidates of one head
+  std::vector<BudgetEntry> host_pool_;             // head_budgets candidates of the layer
 };
 
 static_assert(Backend<CudaBackend>, "CudaBackend must satisfy the kvevict::Backend concept");
+static_assert(WindowScoringBackend<CudaBackend>, "CudaBackend must satisfy kvevict::WindowScoringBackend");
 
 }  // namespace kvevict
