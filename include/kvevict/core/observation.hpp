@@ -2,6 +2,7 @@
 // already computed. Pointers live in the backend's memory space (checked by type).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "kvevict/core/memory_space.hpp"
@@ -21,6 +22,11 @@ struct Observation {
   // -1 means "the last num_queries positions appended", the usual prefill/decode case.
   std::int64_t first_position = -1;
   float scale = 0.0f;  // logit scale; 0 means 1/sqrt(head_dim)
+
+  // The logit scale to use: `scale`, or 1/sqrt(head_dim) when it is 0.
+  [[nodiscard]] float logit_scale(std::int64_t head_dim) const noexcept {
+    return scale > 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  }
 
   [[nodiscard]] bool has_queries() const noexcept { return queries.ptr != nullptr; }
   [[nodiscard]] bool has_probs() const noexcept { return probs.ptr != nullptr; }

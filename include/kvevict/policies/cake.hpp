@@ -334,7 +334,7 @@ class CAKE {
     return layer * shape_.num_kv_heads * shape_.capacity;
   }
   [[nodiscard]] float scale_of(const Obs& obs) const noexcept {
-    return obs.scale > 0.0f ? obs.scale : 1.0f / std::sqrt(static_cast<float>(shape_.head_dim));
+    return obs.logit_scale(shape_.head_dim);
   }
   // The reference evicts at prefill only when the prompt exceeds cache_size + window (note the + w).
   [[nodiscard]] bool triggers(std::int64_t prompt) const noexcept { return prompt > cfg_.cache_size + cfg_.window; }

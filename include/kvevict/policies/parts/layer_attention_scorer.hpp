@@ -43,7 +43,7 @@ class LayerAttentionScorer {
     const float* probs = obs.probs.ptr;
     std::int64_t stride = obs.probs_stride;
     if (obs.has_queries()) {
-      const float scale = obs.scale > 0.0f ? obs.scale : 1.0f / std::sqrt(static_cast<float>(v.head_dim));
+      const float scale = obs.logit_scale(v.head_dim);
       b.attention_probs(v, obs.queries.ptr, scale, q_probs_.data());
       probs = q_probs_.data();
       stride = capacity_;

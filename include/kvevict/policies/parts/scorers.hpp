@@ -55,7 +55,7 @@ class AccumulatedAttentionScorer {
     if (obs.has_probs()) {
       cache.backend().accumulate_column_sums(v, obs.probs.ptr, obs.num_queries, obs.probs_stride, s, fresh);
     } else {
-      const float scale = obs.scale > 0.0f ? obs.scale : 1.0f / std::sqrt(static_cast<float>(v.head_dim));
+      const float scale = obs.logit_scale(v.head_dim);
       const std::int64_t first = obs.first_position >= 0 ? obs.first_position : cache.next_position(layer) - obs.num_queries;
       cache.backend().accumulate_query_column_sums(v, obs.queries.ptr, obs.num_queries, first, scale, s, fresh);
     }

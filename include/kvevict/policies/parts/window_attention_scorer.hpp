@@ -111,7 +111,7 @@ class WindowAttentionScorer {
  private:
   float* layer_kv(std::int64_t layer) { return kv_scores_.data() + layer * kv_heads_ * capacity_; }
   float scale_of(const Obs& obs) const {
-    return obs.scale > 0.0f ? obs.scale : 1.0f / std::sqrt(static_cast<float>(head_dim_));
+    return obs.logit_scale(head_dim_);
   }
 
   // q_scores_ (window sums per q-head) -> layer_kv(layer): aggregate and pool in the reference's order.
