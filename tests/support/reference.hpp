@@ -1,5 +1,5 @@
 // Naive double-precision reference implementations used to check the library. Deliberately written from
-// the specs (/work/shared/specs) with plain loops and no code shared with include/kvevict, so that a bug
+// the specs (../shared/specs) with plain loops and no code shared with include/kvevict, so that a bug
 // in the library cannot hide behind the same bug here.
 // Conventions (specs/README.md): GQA query head h reads kv head h / G; causal masking by original
 // positions; every top-k ranks by (score desc, position asc).
