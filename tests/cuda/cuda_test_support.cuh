@@ -262,4 +262,24 @@ struct BackendPair {
   CudaBackend gpu;
 };
 
+// Extras (per-entry policy state) mirrored on both sides.
+struct TwinExtras {
+  TwinExtras(Rng& rng, const LayerCase& c, const std::vector<std::int64_t>& rows) {
+    for (const std::int64_t r : rows) {
+      host.push_back(random_floats(rng, c.num_kv_heads * r * c.capacity));
+      device.push_back(to_device(host.back()));
+    }
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      cpu.push_back(SlotExtra{host[i].data(), rows[i]});
+      gpu.push_back(SlotExtra{device[i].data(), rows[i]});
+    }
+  }
+  void require_same(const std::string& what) const {
+    for (std::size_t i = 0; i < host.size(); ++i) require_identical(to_host(device[i]), host[i], what + " extra " + std::to_string(i));
+  }
+  std::vector<std::vector<float>> host;
+  std::vector<cuda::DeviceBuffer<float>> device;
+  std::vector<SlotExtra> cpu, gpu;
+};
+
 }  // namespace kvevict::cuda_test

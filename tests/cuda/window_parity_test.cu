@@ -27,18 +27,32 @@ std::vector<LayerCase> window_cases() {
   return cases;
 }
 
+// window_column_stats' tiled passes on top of window_cases: G = 12 with head_dim 80 (a row tile
+// spans q-heads, dims past the last 16-wide slice), and a capacity below the largest window (its
+// queries run in several chunks, the later ones adding to the sums).
+std::vector<LayerCase> window_stats_cases() {
+  auto cases = window_cases();
+  cases.push_back({1, 12, 80, 257, 1, false, 36});  // G = 12, head_dim not a multiple of 16
+  cases.push_back({2, 2, 64, 300, 0, false, 37});   // w = 100 > 300 / 5 key ranges: two chunks
+  cases.push_back({2, 4, 32, 40, 2, false, 38});    // capacity 40 < 64 < w = 100: two chunks, one key tile
+  return cases;
+}
+
 TEST_CASE("window_column_stats on CUDA matches the CPU within fp32 tolerance", "[cuda][parity][window]") {
   if (!device_available()) return;
-  for (const LayerCase& c : window_cases()) {
-    for (const std::int64_t w : {8, 32}) {
+  // w: one query, a partial row tile, a whole one, and several row tiles per q-head (rows of two
+  // q-heads in one tile). Key tiles: up to 64 per head, as many pass-1 key ranges.
+  for (const LayerCase& c : window_stats_cases()) {
+    for (const std::int64_t w : {1, 8, 32, 100}) {
       TwinLayer t(c);
       BackendPair b(c.shape());
       const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
       const auto q = random_floats(t.rng(), c.num_q_heads * w * c.head_dim, -1.5f, 1.5f);
       const auto d_q = to_device(q);
-      // Late window (the newest keys masked for early queries) and a window before every key
-      // (the first queries see nothing and add nothing).
-      for (const std::int64_t first : {t.max_position() - w + 1, std::int64_t{-4}}) {
+      // Late window (the newest keys masked for early queries), a window in the middle (about
+      // half the keys masked per query) and a window before every key (the first queries see
+      // nothing and add nothing).
+      for (const std::int64_t first : {t.max_position() - w + 1, t.max_position() / 2, std::int64_t{-4}}) {
         for (const bool with_sq : {true, false}) {
           CAPTURE(c, w, first, with_sq);
           const auto sentinel = random_floats(t.rng(), c.num_q_heads * c.capacity, 5.0f, 6.0f);

@@ -7,6 +7,7 @@
 #include <span>
 
 #include "kvevict/core/layer_view.hpp"
+#include "kvevict/core/plan.hpp"
 #include "kvevict/core/rope.hpp"
 #include "kvevict/core/shape.hpp"
 
@@ -70,6 +71,19 @@ concept WindowScoringBackend =
       b.key_diff_scores(v, f);
       b.raise_protected(v, f, rule);
       b.head_budgets(v, cq, rule, n, n, i64);
+    };
+
+}  // namespace kvevict
+
+namespace kvevict {
+
+// A backend that performs a whole decode-step eviction (DecodeEviction) in one call. Worth it
+// where each primitive is a kernel launch and reading a result back stalls the stream (CUDA):
+// policies with one eviction per step take this path when the backend offers it.
+template <class B>
+concept DecodeEvictionBackend =
+    Backend<B> && requires(B& b, const LayerView<float>& v, const DecodeEviction& step, std::span<const SlotExtra> extras) {
+      b.evict_one(v, step, extras);
     };
 
 }  // namespace kvevict

@@ -175,6 +175,26 @@ class KVCache {
     for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h) lens_[idx(layer, h)] -= 1;
   }
 
+  // Applies one decode step's scoring and eviction (DecodeEvictionBackend only): every kv-head
+  // loses one entry. Throws, with the cache and the scores unchanged, for non-finite
+  // probabilities (NonFiniteError) or a head whose entries are all protected (InvariantError).
+  void apply(std::int64_t layer, const DecodeEviction& step, std::span<const SlotExtra> extras = {})
+    requires DecodeEvictionBackend<B>
+  {
+    constexpr const char* where = "KVCache::apply(DecodeEviction)";
+    check_layer(where, layer);
+    if (step.probs != nullptr && (step.q_scores == nullptr || step.fresh_from == nullptr))
+      detail::fail<ArgumentError>(where, "step.q_scores", "null", "scores and fresh_from must be set with probs");
+    if (step.probs != nullptr && step.probs_stride < max_len(layer))
+      detail::fail<ShapeError>(where, "step.probs_stride", step.probs_stride,
+                               "must be >= the layer's longest head (" + std::to_string(max_len(layer)) + ")");
+    for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h)
+      if (lens_[idx(layer, h)] == 0)
+        detail::fail<EmptyCacheError>(where, "kv_head", h, "has no entry to evict");
+    backend_.evict_one(make_view(layer), step, extras);
+    for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h) lens_[idx(layer, h)] -= 1;
+  }
+
   // Forgets every entry (capacity and memory stay).
   void clear() noexcept {
     std::fill(lens_.begin(), lens_.end(), 0);

@@ -22,4 +22,18 @@ struct ReplacePlan {
   const std::int32_t* victims = nullptr;  // backend memory [kv_head]
 };
 
+// One decode step's scoring and eviction in one backend call (DecodeEvictionBackend): every
+// kv-head loses one entry, exactly as accumulate_column_sums (one query) + group_reduce +
+// select_victims + ReplacePlan would do it, but validated as a whole first: non-finite
+// probabilities or a head without an unprotected entry throw and change nothing.
+struct DecodeEviction {
+  const float* probs = nullptr;               // backend memory [q_head, probs_stride], one query;
+                                              // nullptr: no scores, the oldest unprotected entry goes
+  std::int64_t probs_stride = 0;
+  float* q_scores = nullptr;                  // backend memory [q_head, capacity], running sums (with probs)
+  const std::int64_t* fresh_from = nullptr;   // host [kv_head]: slots >= this start their sum at 0
+  GroupAgg agg = GroupAgg::mean;
+  ProtectRule rule{};
+};
+
 }  // namespace kvevict

@@ -30,6 +30,7 @@
 #include "kvevict/backends/cuda/detail/append.cuh"
 #include "kvevict/backends/cuda/detail/attention.cuh"
 #include "kvevict/backends/cuda/detail/column_sums.cuh"
+#include "kvevict/backends/cuda/detail/decode_evict.cuh"
 #include "kvevict/backends/cuda/detail/device_layer.cuh"
 #include "kvevict/backends/cuda/detail/finite.cuh"
 #include "kvevict/backends/cuda/detail/group_reduce.cuh"
@@ -42,6 +43,7 @@
 #include "kvevict/core/error.hpp"
 #include "kvevict/core/layer_view.hpp"
 #include "kvevict/core/memory_space.hpp"
+#include "kvevict/core/plan.hpp"
 #include "kvevict/core/rope.hpp"
 #include "kvevict/core/shape.hpp"
 
@@ -58,8 +60,6 @@ class CudaBackend {
   // Query blocks up to this size take the per-query path of accumulate_query_column_sums
   // (warp-per-key logits + one softmax block per q-head); larger ones the tiled two-pass path.
   static constexpr std::int64_t kSmallQueryBatch = 16;
-  // Output slots per kv-head that one compaction chunk moves (bounds the compaction workspace).
-  static constexpr std::int64_t kCompactChunkSlots = 4096;
   // Floats of the bounce buffer through which copy_within moves overlapping ranges.
   static constexpr std::int64_t kCopyBounceFloats = std::int64_t{1} << 16;
 
@@ -104,12 +104,12 @@ class CudaBackend {
     shape.check("CudaBackend::reserve");
     cuda::detail::check_kv_heads("CudaBackend::reserve", shape.num_kv_heads);
     Sizes need;
-    need.move_words = shape.num_kv_heads * std::min(shape.capacity, kCompactChunkSlots) *
-                      (2 * shape.head_dim + 1 + shape.group_size());
+    need.compact_items = shape.num_kv_heads * shape.capacity;  // work items of one slot at the least
+    need.evict_partials = shape.num_kv_heads * cuda::detail::ceil_div(shape.capacity, cuda::detail::kEvictChunk);
     need.logits = shape.num_q_heads * shape.capacity;
     need.stats = 2 * shape.num_q_heads * shape.capacity;
     need.partial = shape.num_q_heads * cuda::detail::ceil_div(shape.capacity, cuda::detail::kAttendChunk) * shape.head_dim;
-    need.window_probs = cuda::detail::kWindowRowTile * shape.capacity;
+    need.window_probs = cuda::detail::window_workspace_floats(shape.num_q_heads, shape.capacity);
     need.bounce = kCopyBounceFloats;
     need.host_layer = shape.num_kv_heads * shape.capacity;
     grow_workspace(need);
@@ -290,8 +290,8 @@ class CudaBackend {
   }
 
   // Stable gather: slot keep_slots[h, i] moves to slot i for i < keep_count[h] (K, V, position,
-  // extras). Precondition: keep slots ascending per head (select_topk's output). Chunked
-  // through the reserved workspace: two kernels per chunk of kCompactChunkSlots output slots.
+  // extras). Precondition: keep slots ascending per head (select_topk's output). In place, one
+  // launch per group of kMaxSlotArrays arrays, every moving row read and written once.
   void compact(const LayerView<float>& v, const std::int32_t* keep_slots, const std::int64_t* keep_count,
                std::span<const SlotExtra> extras) {
     constexpr const char* where = "CudaBackend::compact";
@@ -300,7 +300,6 @@ class CudaBackend {
     p.num_kv_heads = layer.num_kv_heads;
     p.capacity = v.capacity;
     p.keep_slots = keep_slots;
-    p.workspace = move_ws_.data();
     std::int64_t max_keep = 0;
     for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
       if (keep_count[h] < 0 || keep_count[h] > v.lens[h])
@@ -310,19 +309,77 @@ class CudaBackend {
       max_keep = std::max(max_keep, keep_count[h]);
     }
     if (max_keep == 0) return;
-    for_each_array_group(v, extras, p, [&](cuda::detail::MoveParams& group, std::int64_t words_per_slot) {
-      const std::int64_t chunk = std::min(max_keep, move_ws_.size() / (v.num_kv_heads * words_per_slot));
-      require_workspace(where, "compaction chunk slots", 1, chunk);
-      std::int64_t offset = 0;
-      for (std::int32_t a = 0; a < group.num_arrays; ++a) {
-        group.arrays[a].ws_offset = offset;
-        offset += v.num_kv_heads * group.arrays[a].rows * chunk * group.arrays[a].width;
+    for_each_array_group(v, extras, p, [&](cuda::detail::MoveParams& group, std::int64_t /*words_per_slot*/) {
+      const std::int64_t items = cuda::detail::plan_compaction(group, max_keep);
+      require_workspace(where, "compaction work items", items, sizes_.compact_items);
+      group.ticket = compact_ticket_.data();
+      group.read_done = compact_read_done_.data();
+      group.epoch = next_compact_epoch();
+      cuda::detail::launch_compact(group, items, stream_);
+    });
+  }
+
+  // One decode step's scoring and eviction (DecodeEviction) as one cooperative kernel, validated
+  // as a whole before anything is written: NonFiniteError for a NaN/Inf anywhere in the step's
+  // [q_head, probs_stride] probabilities, InvariantError for a head whose entries are all
+  // protected; either leaves the cache and the scores unchanged. Synchronises the stream once, to
+  // read that verdict. Results are bit-identical to the four primitives it replaces.
+  void evict_one(const LayerView<float>& v, const DecodeEviction& step, std::span<const SlotExtra> extras) {
+    constexpr const char* where = "CudaBackend::evict_one";
+    cuda::detail::DecodeEvictParams p{};
+    p.layer = cuda::detail::make_device_layer(where, v);
+    if (step.probs != nullptr) {
+      cuda::require_device_pointer(where, "step.probs", step.probs);
+      cuda::require_device_pointer(where, "step.q_scores", step.q_scores);
+      if (step.fresh_from == nullptr)
+        kvevict::detail::fail<ArgumentError>(where, "step.fresh_from", "null", "must point at [kv_head] host counts");
+      p.fresh_from = clamp_fresh(v, step.fresh_from);
+    }
+    if (max_evict_blocks_ < 0) max_evict_blocks_ = cuda::detail::max_decode_evict_blocks(&num_sms_);
+    if (max_evict_blocks_ == 0)
+      kvevict::detail::fail<UnsupportedError>(where, "device", "no cooperative launch",
+                                              "evict_one needs a device that supports cooperative launches");
+    p.probs = step.probs;
+    p.probs_stride = step.probs_stride;
+    p.probs_count = step.probs != nullptr ? v.num_q_heads * step.probs_stride : 0;
+    p.q_scores = step.q_scores;
+    p.agg = step.agg;
+    p.sink_end = step.rule.sink_end;
+    p.recent_begin = step.rule.recent_begin;
+    p.chunks_per_head = static_cast<std::int32_t>(
+        cuda::detail::ceil_div(std::max<std::int64_t>(p.layer.max_len, 1), cuda::detail::kEvictChunk));
+    const std::int64_t items = v.num_kv_heads * p.chunks_per_head;
+    require_workspace(where, "eviction partials", items, sizes_.evict_partials);
+    ensure_status();
+    p.partials = evict_partials_.data();
+    p.flags = evict_flags_.data();
+    p.victims = evict_victims_.data();
+    p.status = status_.data();
+    // At least one block per multiprocessor: the NaN/Inf scan covers all q_head x probs_stride
+    // floats, however few chunks the heads have.
+    const int blocks = static_cast<int>(
+        std::min<std::int64_t>(max_evict_blocks_, std::max<std::int64_t>({items, v.num_kv_heads, num_sms_})));
+    cuda::detail::MoveParams moves{};
+    moves.num_kv_heads = p.layer.num_kv_heads;
+    moves.capacity = v.capacity;
+    moves.victims = evict_victims_.data();
+    moves.lens = p.layer.lens;
+    bool first_group = true;
+    for_each_array_group(v, extras, moves, [&](cuda::detail::MoveParams& group, std::int64_t /*words_per_slot*/) {
+      if (!first_group) {  // arrays past the first kMaxSlotArrays: the plain replacement kernel
+        cuda::detail::launch_replace_with_last(group, stream_);
+        return;
       }
-      group.chunk_slots = chunk;
-      for (std::int64_t c0 = 0; c0 < max_keep; c0 += chunk) {
-        group.chunk_begin = c0;
-        cuda::detail::launch_compact_chunk(group, stream_);
-      }
+      first_group = false;
+      for (std::int32_t a = 0; a < group.num_arrays; ++a) p.arrays[a] = group.arrays[a];
+      p.num_arrays = group.num_arrays;
+      cuda::detail::launch_decode_evict(p, blocks, stream_);
+      read_status(2, where);
+      if (host_status_.data()[0] != 0)
+        kvevict::detail::fail<NonFiniteError>(where, "probs", "NaN/Inf", "every probability must be finite");
+      if (host_status_.data()[1] >= 0)
+        kvevict::detail::fail<InvariantError>(where, "kv_head", host_status_.data()[1],
+                                              "has no unprotected entry to evict");
     });
   }
 
@@ -384,14 +441,16 @@ class CudaBackend {
   // Window statistics from queries [q_head, num_queries, head_dim]: sums[qh, j] = sum_i p_i(j)
   // and, when sumsq != nullptr, sumsq[qh, j] = sum_i p_i(j)^2, with p_i query i's fp32 softmax
   // over the keys whose position <= first_pos + i (a query seeing none adds nothing). Overwrites
-  // both for the live slots. kWindowRowTile (q-head, query) rows at a time: one block per row
-  // writes its probabilities to the [kWindowRowTile, capacity] workspace, then a column kernel
-  // adds them in query order (deterministic; no atomics).
+  // both for the live slots. Two tiled passes (window_stats_tiled.cuh): each query's softmax max
+  // and sum into the reserved workspace, then per key tile the probabilities recomputed and added
+  // in query order (deterministic; no atomics). Queued on the stream; no allocation, no sync.
   void window_column_stats(const LayerView<float>& v, const float* queries, std::int64_t num_queries,
                            std::int64_t first_pos, float scale, float* sums, float* sumsq) {
     constexpr const char* where = "CudaBackend::window_column_stats";
     const auto layer = cuda::detail::make_device_layer(where, v);
-    if (num_queries > 0) require_workspace(where, "window probabilities", cuda::detail::kWindowRowTile * v.capacity, window_ws_.size());
+    if (num_queries > 0)
+      require_workspace(where, "window row statistics", cuda::detail::window_workspace_floats(v.num_q_heads, v.capacity),
+                        window_ws_.size());
     cuda::detail::launch_window_column_stats(layer, queries, std::max<std::int64_t>(num_queries, 0), first_pos, scale,
                                              sums, sumsq, window_ws_.data(), stream_, where);
   }
@@ -509,11 +568,12 @@ class CudaBackend {
     std::int32_t head;
   };
   struct Sizes {
-    std::int64_t move_words = 0;  // compaction chunk workspace (32-bit words)
+    std::int64_t compact_items = 0;   // compaction work items (read-done flags)
+    std::int64_t evict_partials = 0;  // evict_one per-chunk candidates
     std::int64_t logits = 0;      // [q_head, capacity]
     std::int64_t stats = 0;       // 2 x [q_head, rows]
     std::int64_t partial = 0;     // [q_head, chunk, head_dim]
-    std::int64_t window_probs = 0;  // [kWindowRowTile, capacity]
+    std::int64_t window_probs = 0;  // window_workspace_floats: 2 x [q_head, max(capacity, 64)]
     std::int64_t bounce = 0;        // copy_within bounce floats
     std::int64_t host_layer = 0;    // [kv_head, capacity] host mirror of head_budgets
   };
@@ -549,12 +609,12 @@ class CudaBackend {
     const std::int64_t total = 3 + static_cast<std::int64_t>(extras.size());
     auto array_at = [&](std::int64_t a) -> SlotArray {
       if (a == 0) return {reinterpret_cast<std::uint32_t*>(v.keys), v.head_stride, v.slot_stride, 1,
-                          static_cast<std::int32_t>(v.head_dim), 0};
+                          static_cast<std::int32_t>(v.head_dim)};
       if (a == 1) return {reinterpret_cast<std::uint32_t*>(v.values), v.head_stride, v.slot_stride, 1,
-                          static_cast<std::int32_t>(v.head_dim), 0};
-      if (a == 2) return {reinterpret_cast<std::uint32_t*>(v.positions), v.capacity, 1, 1, 1, 0};
+                          static_cast<std::int32_t>(v.head_dim)};
+      if (a == 2) return {reinterpret_cast<std::uint32_t*>(v.positions), v.capacity, 1, 1, 1};
       const SlotExtra& e = extras[static_cast<std::size_t>(a - 3)];
-      return {reinterpret_cast<std::uint32_t*>(e.data), v.capacity, 1, static_cast<std::int32_t>(e.rows_per_kv_head), 1, 0};
+      return {reinterpret_cast<std::uint32_t*>(e.data), v.capacity, 1, static_cast<std::int32_t>(e.rows_per_kv_head), 1};
     };
     for (std::int64_t first = 0; first < total; first += cuda::detail::kMaxSlotArrays) {
       const std::int64_t count = std::min<std::int64_t>(cuda::detail::kMaxSlotArrays, total - first);
@@ -574,7 +634,11 @@ class CudaBackend {
       buffer = std::remove_reference_t<decltype(buffer)>(want, stream_);
       have = want;
     };
-    grow(move_ws_, sizes_.move_words, need.move_words);
+    grow(compact_read_done_, sizes_.compact_items, need.compact_items);
+    grow(evict_partials_, sizes_.evict_partials, need.evict_partials);
+    if (compact_ticket_.size() == 0) compact_ticket_ = cuda::DeviceBuffer<unsigned long long>(1, stream_);
+    if (evict_flags_.size() == 0) evict_flags_ = cuda::DeviceBuffer<std::int32_t>(1 + kMaxKvHeads, stream_);
+    if (evict_victims_.size() == 0) evict_victims_ = cuda::DeviceBuffer<std::int32_t>(kMaxKvHeads, stream_);
     grow(logits_, sizes_.logits, need.logits);
     grow(row_stats_, sizes_.stats, need.stats);
     grow(partial_, sizes_.partial, need.partial);
@@ -587,7 +651,18 @@ class CudaBackend {
       host_pool_.assign(static_cast<std::size_t>(need.host_layer), BudgetEntry{});
       sizes_.host_layer = need.host_layer;
     }
-    if (need.move_words > 0) ensure_status();
+    if (need.compact_items > 0) ensure_status();
+  }
+
+  // A compaction epoch never used before (flags from earlier launches never match it).
+  unsigned int next_compact_epoch() {
+    if (++compact_epoch_ == 0) {  // 2^32 launches later: forget every old mark
+      check(cudaMemsetAsync(compact_read_done_.data(), 0, static_cast<std::size_t>(compact_read_done_.size()) * sizeof(unsigned int),
+                            stream_),
+            "CudaBackend::compact", "cudaMemsetAsync(read_done)");
+      compact_epoch_ = 1;
+    }
+    return compact_epoch_;
   }
 
   // The few int32 a host decision reads back; allocated by reserve() or on first use.
@@ -605,13 +680,20 @@ class CudaBackend {
 
   cudaStream_t stream_ = nullptr;
   Sizes sizes_{};
-  cuda::DeviceBuffer<std::uint32_t> move_ws_;      // compaction chunk: [array][kv_head, row, slot, word]
+  cuda::DeviceBuffer<unsigned int> compact_read_done_;  // [work item] epoch of the compaction that staged it
+  cuda::DeviceBuffer<unsigned long long> compact_ticket_;  // work-item counter, 0 between compactions
+  unsigned int compact_epoch_ = 0;                      // last epoch used
+  cuda::DeviceBuffer<cuda::detail::EvictPartial> evict_partials_;  // [kv_head, chunk] evict_one candidates
+  cuda::DeviceBuffer<std::int32_t> evict_flags_;        // [1 + kMaxKvHeads] evict_one verdict, 0 between calls
+  cuda::DeviceBuffer<std::int32_t> evict_victims_;      // [kMaxKvHeads] evict_one victims
+  int max_evict_blocks_ = -1;                           // co-resident decode_evict blocks (-1: not asked yet)
+  int num_sms_ = 0;                                     // multiprocessors of the device
   cuda::DeviceBuffer<float> logits_;               // [q_head, capacity] per-query logits
   cuda::DeviceBuffer<float> row_stats_;            // [2][q_head, rows] row max and 1/sum
   cuda::DeviceBuffer<float> partial_;              // [q_head, chunk, head_dim] attend partial sums
   cuda::DeviceBuffer<std::int32_t> status_;        // [kMaxKvHeads] device results the host reads
   cuda::PinnedBuffer<std::int32_t> host_status_;   // [kMaxKvHeads] their landing place
-  cuda::DeviceBuffer<float> window_ws_;            // [kWindowRowTile, capacity] window probabilities
+  cuda::DeviceBuffer<float> window_ws_;            // window_column_stats row statistics (window_workspace_floats)
   cuda::DeviceBuffer<float> bounce_;               // [kCopyBounceFloats] copy_within overlap bounce
   cuda::PinnedBuffer<float> host_scores_;          // [kv_head, capacity] head_budgets scores
   cuda::PinnedBuffer<std::int32_t> host_positions_;  // [kv_head, capacity] head_budgets positions
@@ -621,5 +703,6 @@ class CudaBackend {
 
 static_assert(Backend<CudaBackend>, "CudaBackend must satisfy the kvevict::Backend concept");
 static_assert(WindowScoringBackend<CudaBackend>, "CudaBackend must satisfy kvevict::WindowScoringBackend");
+static_assert(DecodeEvictionBackend<CudaBackend>, "CudaBackend must satisfy kvevict::DecodeEvictionBackend");
 
 }  // namespace kvevict

@@ -11,8 +11,11 @@
 
 namespace kvevict::detail {
 
+// scan_probs = false leaves the NaN/Inf scan of probabilities to a fused step that validates them
+// itself (DecodeEviction); shapes are still checked here.
 template <class Cache, class Obs>
-void check_observation(const char* where, Cache& cache, std::int64_t layer, const Obs& obs, bool required) {
+void check_observation(const char* where, Cache& cache, std::int64_t layer, const Obs& obs, bool required,
+                       bool scan_probs = true) {
   const auto& shape = cache.shape();
   if (obs.empty()) {
     if (required) fail<ArgumentError>(where, "observation", "empty", "this policy needs queries or probabilities");
@@ -46,7 +49,7 @@ void check_observation(const char* where, Cache& cache, std::int64_t layer, cons
     if (obs.probs.size != expected)
       fail<ShapeError>(where, "probs.size", obs.probs.size,
                        "must equal num_q_heads * num_queries * probs_stride = " + std::to_string(expected));
-    if (!cache.backend().all_finite(obs.probs.ptr, obs.probs.size))
+    if (scan_probs && !cache.backend().all_finite(obs.probs.ptr, obs.probs.size))
       fail<NonFiniteError>(where, "probs", "NaN/Inf", "every probability must be finite");
   }
 }

@@ -9,6 +9,7 @@
 #include "kvevict/core/error.hpp"
 #include "kvevict/core/layer_view.hpp"
 #include "kvevict/core/observation.hpp"
+#include "kvevict/core/plan.hpp"
 
 namespace kvevict {
 
@@ -20,6 +21,11 @@ class NoScorer {
   static constexpr bool needs_observation = false;
   template <class Obs, class PhaseT>
   void observe(Cache&, std::int64_t, const Obs&, PhaseT) {}
+  // A fused decode step (DecodeEviction) without scores: the oldest unprotected entry goes.
+  template <class Obs>
+  [[nodiscard]] bool fuses_decode(const Obs&) const { return true; }
+  template <class Obs>
+  [[nodiscard]] DecodeEviction decode_eviction(Cache&, std::int64_t, const Obs&) { return {}; }
   [[nodiscard]] float* kv_scores(Cache&, std::int64_t) { return nullptr; }
   [[nodiscard]] std::span<const SlotExtra> extras(std::int64_t) const { return {}; }
   void after_eviction(const Cache&, std::int64_t) {}
@@ -60,6 +66,23 @@ class AccumulatedAttentionScorer {
       cache.backend().accumulate_query_column_sums(v, obs.queries.ptr, obs.num_queries, first, scale, s, fresh);
     }
     mark_scored(cache, layer);
+  }
+
+  // A decode step fuses with its eviction (DecodeEviction) when it brings one row of probabilities.
+  template <class Obs>
+  [[nodiscard]] bool fuses_decode(const Obs& obs) const {
+    return obs.has_probs() && obs.num_queries == 1;
+  }
+  // That step's accumulation, for DecodeEviction: the same sums observe() would add.
+  template <class Obs>
+  [[nodiscard]] DecodeEviction decode_eviction(Cache&, std::int64_t layer, const Obs& obs) {
+    DecodeEviction step;
+    step.probs = obs.probs.ptr;
+    step.probs_stride = obs.probs_stride;
+    step.q_scores = layer_scores(layer);
+    step.fresh_from = scored_len_.data() + layer * kv_heads_;
+    step.agg = agg_;
+    return step;
   }
 
   // Group-aggregated scores of one layer, [kv_head, capacity]; valid until the next call.

@@ -100,10 +100,23 @@ class TopKEvictionPolicy {
   // After the step's token was appended (and attended): score, then evict once over budget.
   // One-shot (prefill_only) policies ignore decode observations: an engine may pass whatever it
   // has, or nothing.
+  // On a DecodeEvictionBackend, a step that evicts exactly one entry per head is one backend call
+  // (scoring, victim choice and replacement fused, validated as a whole).
   void on_decode(Cache& cache, std::int64_t layer, const Obs& obs) {
     const bool evicts_at_decode = options_.schedule != Schedule::prefill_only;
-    check_call(where_decode_, cache, layer, obs, evicts_at_decode);
+    const bool fused = evicts_at_decode && fuses_decode_step(cache, layer, obs);
+    check_call(where_decode_, cache, layer, obs, evicts_at_decode, !(fused && Scorer::needs_observation));
     auto& steps = decode_steps_[static_cast<std::size_t>(layer)];
+    if (fused) {
+      if constexpr (DecodeEvictionBackend<typename Cache::backend_type>) {
+        DecodeEviction step = scorer_.decode_eviction(cache, layer, obs);
+        step.rule = selector_.rule(cache.next_position(layer), 0);
+        cache.apply(layer, step, scorer_.extras(layer));
+        scorer_.after_eviction(cache, layer);
+      }
+      ++steps;
+      return;
+    }
     ++steps;
     if (!evicts_at_decode) return;
     scorer_.observe(cache, layer, obs, Phase::decode);
@@ -149,16 +162,39 @@ class TopKEvictionPolicy {
       detail::fail_state<ShapeError>(name_ + "::" + hook,
                                      "the cache's shape differs from the one this policy was built for");
   }
+  // True when this decode step may take the fused path: the backend has it, the scorer can hand
+  // its accumulation over, no option needs the step-by-step path, the step's eviction is due and
+  // removes exactly one entry from every head. False for a call the checks will reject.
+  bool fuses_decode_step(const Cache& cache, std::int64_t layer, const Obs& obs) const {
+    if constexpr (DecodeEvictionBackend<typename Cache::backend_type> && requires { scorer_.fuses_decode(obs); }) {
+      if constexpr (requires { Scorer::needs_position_order; })
+        if (Scorer::needs_position_order) return false;
+      if (pos_shift_ || options_.pad_protected_scores || options_.head_allocation.adaptive) return false;
+      if (!(cache.shape() == shape_) || layer < 0 || layer >= shape_.num_layers) return false;
+      if (!scorer_.fuses_decode(obs)) return false;
+      const std::int64_t step = decode_steps_[static_cast<std::size_t>(layer)] + 1;
+      if (options_.schedule != Schedule::prefill_and_every_step && step % options_.decode_interval != 0) return false;
+      const auto lens = cache.lens(layer);
+      for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h) {
+        const std::int64_t len = lens[static_cast<std::size_t>(h)];
+        if (len == 0 || budget_.entries(layer, len) != len - 1) return false;
+      }
+      return true;
+    } else {
+      return false;
+    }
+  }
+
   // `where` is built once in the constructor: validation runs on every token and must not allocate.
   void check_call(const std::string& where, Cache& cache, std::int64_t layer, const Obs& obs,
-                  bool observation_used = true) {
+                  bool observation_used = true, bool scan_probs = true) {
     if (!(cache.shape() == shape_))
       detail::fail_state<ShapeError>(where, "the cache's shape differs from the one this policy was built for");
     if (layer < 0 || layer >= shape_.num_layers)
       detail::fail<ArgumentError>(where, "layer", layer, "must be in [0, " + std::to_string(shape_.num_layers) + ")");
     if (cache.max_len(layer) == 0)
       detail::fail<EmptyCacheError>(where, "layer", layer, "has no entries: append before calling the hook");
-    detail::check_observation(where.c_str(), cache, layer, obs, observation_used && Scorer::needs_observation);
+    detail::check_observation(where.c_str(), cache, layer, obs, observation_used && Scorer::needs_observation, scan_probs);
   }
 
   void evict_to(Cache& cache, std::int64_t layer, std::int64_t incoming) {

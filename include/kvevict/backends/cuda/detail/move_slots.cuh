@@ -1,14 +1,22 @@
 // Moving entries between slots: stable compaction (KeepPlan) and single-slot replacement
 // (ReplacePlan). Every per-slot array (K, V, positions, policy extras) is described as rows of
 // 32-bit words, so one kernel moves them all bit for bit.
-// Compaction in parallel cannot be done in place (a slot may be read by one block after another
-// block overwrote it), so it gathers a chunk of output slots into a workspace, then writes the
-// chunk back. Keep slots ascending (keep[i] >= i) make chunk-by-chunk processing safe: the
-// sources of later chunks lie at or beyond their own outputs, past every slot written so far.
+//
+// Compaction runs in place in one pass: every moving row is read once and written once, as a
+// memcpy would. Work items (kv-head, run of output slots) are numbered by an atomic ticket in the
+// order blocks start. An item stages its moving rows in shared memory, publishes "read done",
+// waits until the earlier items that may read its destination slots have published too, then
+// writes. Those items are this one or earlier ones: keep slots ascend with keep[j] >= j, so
+// output slot i (written only by its own item) is the source of an output j <= i. A warp finds
+// the first output whose source lies at or past the item's first destination slot (a search of
+// keep), and the item waits for every item from that one on. Reads never wait, so a wait lasts
+// at most one staging latency, and waits point only to earlier tickets (blocks already resident
+// or finished), so they cannot deadlock.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -18,7 +26,7 @@
 namespace kvevict::cuda::detail {
 
 inline constexpr int kMaxSlotArrays = 8;  // arrays moved per launch; more are split over launches
-inline constexpr int kMoveThreads = 256;  // compaction: 8 slots (one per warp) per block
+inline constexpr int kMoveThreads = 256;
 
 // Word w of slot s in row r of kv-head h: base[(h * rows + r) * row_stride + s * slot_stride + w].
 struct SlotArray {
@@ -27,7 +35,6 @@ struct SlotArray {
   std::int64_t slot_stride;  // words
   std::int32_t rows;         // rows per kv-head
   std::int32_t width;        // words per slot
-  std::int64_t ws_offset;    // compaction: start of this array's region in the chunk workspace
 };
 
 struct MoveParams {
@@ -38,50 +45,178 @@ struct MoveParams {
   // compaction
   const std::int32_t* keep_slots;  // [kv_head, capacity], ascending per head
   PerHead keep_count;              // [kv_head]
-  std::uint32_t* workspace;        // [array region][kv_head, row, chunk slot, word]
-  std::int64_t chunk_begin;        // output slots [chunk_begin, chunk_begin + chunk_slots)
-  std::int64_t chunk_slots;
+  std::int32_t slots_per_item;     // output slots one work item moves (<= kMaxItemSlots)
+  std::int32_t items_per_head;
+  std::int32_t stage_offset[kMaxSlotArrays];  // words; each array's region in the stage, 16-byte aligned
+  std::int32_t vec4[kMaxSlotArrays];          // 1: the array moves in 16-byte units
+  unsigned long long* ticket;      // work-item counter, 0 between launches (the last item resets it)
+  unsigned int* read_done;         // [kv_head * items_per_head]: == epoch once the item has staged
+  unsigned int epoch;              // this launch's mark, never 0 and never reused
   // replacement
   const std::int32_t* victims;     // [kv_head]
   PerHead lens;                    // [kv_head]
 };
 static_assert(std::is_trivially_copyable_v<MoveParams>);
 
-// One warp per output slot (kSlotsPerBlock per block), lanes over the slot's words.
-template <int kThreads, bool kToWorkspace>
-__global__ void __launch_bounds__(kThreads) compact_chunk_kernel(MoveParams p) {
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
-  const std::int64_t h = blockIdx.y;
-  const std::int64_t dst = p.chunk_begin + i;
-  if (i >= p.chunk_slots || dst >= p.keep_count.v[h]) return;
-  const std::int64_t src = p.keep_slots[h * p.capacity + dst];
-  if (src == dst) return;  // already in place, and never overwritten (earlier chunks write below it)
-  for (int a = 0; a < p.num_arrays; ++a) {
-    const SlotArray arr = p.arrays[a];
-    const int words = arr.rows * arr.width;
-    for (int t = lane; t < words; t += 32) {
-      const int r = t / arr.width;
-      const int w = t - r * arr.width;
-      const std::int64_t row = h * arr.rows + r;
-      std::uint32_t* ws = p.workspace + arr.ws_offset + (row * p.chunk_slots + i) * arr.width + w;
-      if constexpr (kToWorkspace)
-        *ws = arr.base[row * arr.row_stride + src * arr.slot_stride + w];
+inline constexpr int kMaxItemSlots = 1024;                // output slots per compaction work item
+inline constexpr int kStageWords = 4096;                  // 16 KiB of shared memory per work item
+inline constexpr unsigned kStageBytes = kStageWords * 4u;
+
+// True when every slot of `arr` starts on 16 bytes and spans whole 16-byte units.
+inline bool moves_in_vec4(const SlotArray& arr) {
+  return arr.width % 4 == 0 && arr.slot_stride % 4 == 0 && arr.row_stride % 4 == 0 &&
+         reinterpret_cast<std::uintptr_t>(arr.base) % 16 == 0;
+}
+
+// Copies the moving rows of output slots [begin, begin + n) between the array and the stage,
+// U-sized units (uint4 or uint32). kToStage: array -> stage; else stage -> array. Each thread
+// issues kUnroll independent loads before it stores any, so loads overlap.
+template <class U, bool kToStage, int kThreads>
+__device__ inline void move_stage(const SlotArray& arr, std::uint32_t* stage, const std::int32_t* s_src,
+                                  std::int64_t h, std::int64_t begin, int n) {
+  constexpr int kWords = static_cast<int>(sizeof(U) / 4);
+  constexpr int kUnroll = 4;
+  const int units_per_row = arr.width / kWords;
+  const int units_per_slot = arr.rows * units_per_row;
+  U* st = reinterpret_cast<U*>(stage);
+  const int total = n * units_per_slot;
+  for (int e0 = static_cast<int>(threadIdx.x); e0 < total; e0 += kThreads * kUnroll) {
+    U v[kUnroll];
+    std::uint32_t* at[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int e = e0 + k * kThreads;
+      at[k] = nullptr;
+      if (e >= total) continue;
+      const int i = e / units_per_slot;
+      const std::int64_t src = s_src[i];
+      const std::int64_t dst = begin + i;
+      if (src == dst) continue;  // already in place
+      const int u = e - i * units_per_slot;
+      const int r = u / units_per_row;
+      const int w = (u - r * units_per_row) * kWords;
+      std::uint32_t* row = arr.base + (h * arr.rows + r) * arr.row_stride + w;
+      if constexpr (kToStage) {
+        at[k] = row;
+        v[k] = *reinterpret_cast<const U*>(row + src * arr.slot_stride);
+      } else {
+        at[k] = row + dst * arr.slot_stride;
+        v[k] = st[e];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      if (at[k] == nullptr) continue;
+      if constexpr (kToStage)
+        st[e0 + k * kThreads] = v[k];
       else
-        arr.base[row * arr.row_stride + dst * arr.slot_stride + w] = *ws;
+        *reinterpret_cast<U*>(at[k]) = v[k];
     }
   }
 }
 
-// One chunk: gather the chunk's sources, then write them to their outputs (stream-ordered).
-inline void launch_compact_chunk(const MoveParams& p, cudaStream_t stream) {
-  if (p.chunk_slots <= 0 || p.num_arrays == 0) return;
-  constexpr int kSlotsPerBlock = kMoveThreads / 32;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.chunk_slots, kSlotsPerBlock)), static_cast<unsigned>(p.num_kv_heads));
-  compact_chunk_kernel<kMoveThreads, true><<<grid, kMoveThreads, 0, stream>>>(p);
-  check_launch("CudaBackend::compact", "compact_chunk_kernel<gather>");
-  compact_chunk_kernel<kMoveThreads, false><<<grid, kMoveThreads, 0, stream>>>(p);
-  check_launch("CudaBackend::compact", "compact_chunk_kernel<write back>");
+// First output j in [0, limit] of the head whose source keep[j] >= slot (keep ascends and
+// keep[limit] >= limit >= slot, so one exists): a 32-ary search by one warp, every lane gets it.
+__device__ inline std::int64_t first_source_at_or_after(const std::int32_t* keep, std::int64_t limit, std::int64_t slot) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  std::int64_t lo = 0, hi = limit;  // the answer lies in [lo, hi]
+  while (hi - lo >= 32) {
+    const std::int64_t step = (hi - lo + 31) / 32;
+    const std::int64_t idx = min(lo + lane * step, hi);
+    const unsigned ballot = __ballot_sync(0xffffffffu, keep[idx] >= slot);
+    if (ballot == 0) {
+      lo = lo + 31 * step + 1;  // lane 31 probed below hi and found an earlier source
+    } else {
+      const int k = __ffs(ballot) - 1;
+      hi = min(lo + k * step, hi);
+      lo = k == 0 ? lo : lo + (k - 1) * step + 1;
+    }
+  }
+  const std::int64_t idx = min(lo + lane, hi);
+  const unsigned ballot = __ballot_sync(0xffffffffu, keep[idx] >= slot);
+  return lo + (__ffs(ballot) - 1);
+}
+
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) compact_kernel(MoveParams p) {
+  extern __shared__ uint4 stage_raw[];  // kStageBytes, 16-byte aligned
+  __shared__ std::int32_t s_src[kMaxItemSlots];
+  __shared__ unsigned long long s_item;
+  std::uint32_t* stage = reinterpret_cast<std::uint32_t*>(stage_raw);
+  const unsigned long long items = static_cast<unsigned long long>(p.num_kv_heads) * p.items_per_head;
+  if (threadIdx.x == 0) {
+    s_item = atomicAdd(p.ticket, 1ull);
+    if (s_item == items - 1) *p.ticket = 0;  // every other item took its ticket already
+  }
+  __syncthreads();
+  const auto item = static_cast<std::int64_t>(s_item);
+  const std::int64_t h = item / p.items_per_head;
+  const std::int64_t c = item - h * p.items_per_head;
+  const std::int64_t begin = c * p.slots_per_item;
+  const std::int64_t end = min(begin + p.slots_per_item, static_cast<std::int64_t>(p.keep_count.v[h]));
+  const int n = end > begin ? static_cast<int>(end - begin) : 0;
+  bool moves = false;
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += kThreads) {
+    s_src[i] = p.keep_slots[h * p.capacity + begin + i];
+    moves |= s_src[i] != begin + i;
+  }
+  moves = __syncthreads_or(moves) != 0;
+  for (int a = 0; moves && a < p.num_arrays; ++a) {
+    if (p.vec4[a])
+      move_stage<uint4, true, kThreads>(p.arrays[a], stage + p.stage_offset[a], s_src, h, begin, n);
+    else
+      move_stage<std::uint32_t, true, kThreads>(p.arrays[a], stage + p.stage_offset[a], s_src, h, begin, n);
+  }
+  __syncthreads();  // the whole item's reads are done
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicExch(p.read_done + item, p.epoch);
+  }
+  if (!moves) return;
+  if (threadIdx.x < 32) {  // wait for the reads of the earlier items whose sources this item overwrites
+    const std::int64_t first_reader = first_source_at_or_after(p.keep_slots + h * p.capacity, begin, begin);
+    const unsigned* flags = p.read_done + h * p.items_per_head;
+    for (std::int64_t e = first_reader / p.slots_per_item + threadIdx.x; e < c; e += 32)
+      while (*reinterpret_cast<const volatile unsigned*>(flags + e) != p.epoch) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+  for (int a = 0; a < p.num_arrays; ++a) {
+    if (p.vec4[a])
+      move_stage<uint4, false, kThreads>(p.arrays[a], stage + p.stage_offset[a], s_src, h, begin, n);
+    else
+      move_stage<std::uint32_t, false, kThreads>(p.arrays[a], stage + p.stage_offset[a], s_src, h, begin, n);
+  }
+}
+
+// Sizes the work items for these arrays (fills slots_per_item, items_per_head, stage_offset,
+// vec4) for heads keeping at most max_keep entries; returns the number of work items.
+inline std::int64_t plan_compaction(MoveParams& p, std::int64_t max_keep) {
+  std::int64_t words_per_slot = 0;
+  for (int a = 0; a < p.num_arrays; ++a) {
+    words_per_slot += static_cast<std::int64_t>(p.arrays[a].rows) * p.arrays[a].width;
+    p.vec4[a] = moves_in_vec4(p.arrays[a]) ? 1 : 0;
+  }
+  // 4 words of alignment padding per array always fit next to slots_per_item * words_per_slot.
+  std::int64_t slots = (kStageWords - 4 * p.num_arrays) / std::max<std::int64_t>(words_per_slot, 1);
+  slots = std::clamp<std::int64_t>(slots, 1, kMaxItemSlots);
+  std::int64_t offset = 0;
+  for (int a = 0; a < p.num_arrays; ++a) {
+    p.stage_offset[a] = static_cast<std::int32_t>(offset);
+    offset += slots * p.arrays[a].rows * p.arrays[a].width;
+    offset = (offset + 3) / 4 * 4;
+  }
+  p.slots_per_item = static_cast<std::int32_t>(slots);
+  p.items_per_head = static_cast<std::int32_t>(ceil_div(max_keep, slots));
+  return static_cast<std::int64_t>(p.num_kv_heads) * p.items_per_head;
+}
+
+// One launch moves every array of `p` (plan_compaction first). Precondition: p.read_done holds
+// at least the returned item count of flags, none equal to p.epoch; p.ticket is 0.
+inline void launch_compact(const MoveParams& p, std::int64_t items, cudaStream_t stream) {
+  if (items <= 0 || p.num_arrays == 0) return;
+  compact_kernel<kMoveThreads><<<static_cast<unsigned>(items), kMoveThreads, kStageBytes, stream>>>(p);
+  check_launch("CudaBackend::compact", "compact_kernel");
 }
 
 // Slot lens[h]-1 moves into victims[h]. A victim outside [0, lens[h]) moves nothing (the host

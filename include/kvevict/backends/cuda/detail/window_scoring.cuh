@@ -12,14 +12,12 @@
 
 #include "kvevict/backends/cuda/cuda_check.cuh"
 #include "kvevict/backends/cuda/detail/device_layer.cuh"
+#include "kvevict/backends/cuda/detail/window_stats_tiled.cuh"
 #include "kvevict/core/layer_view.hpp"
 
 namespace kvevict::cuda::detail {
 
 inline constexpr int kWindowThreads = 256;
-// Query rows (over all q-heads, flattened as qh * num_queries + i) whose probabilities one pass
-// of window_column_stats materialises: the workspace is kWindowRowTile x capacity floats.
-inline constexpr std::int64_t kWindowRowTile = 64;
 
 // Block-wide max / sum of one float per thread (kThreads a multiple of 32); every thread gets it.
 template <int kThreads>
@@ -47,66 +45,6 @@ __device__ float block_sum(float x, float* smem) {
 }
 
 // ---- window_column_stats ----
-
-struct WindowProbsParams {
-  DeviceLayer layer;
-  const float* queries;     // [q_head, num_queries, head_dim]
-  std::int64_t num_queries;
-  std::int64_t first_pos;   // position of query 0
-  float scale;
-  std::int64_t row_begin;   // first flattened row (qh * num_queries + i) of this tile
-  std::int64_t rows;        // rows in this tile (<= kWindowRowTile)
-  float* probs;             // [kWindowRowTile, capacity] workspace
-};
-static_assert(std::is_trivially_copyable_v<WindowProbsParams>);
-
-// One block per row of the tile: masked logits, fp32 softmax, written to probs[row, 0..len).
-// A query that sees no key writes zeros (it adds nothing).
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) window_probs_kernel(WindowProbsParams p) {
-  extern __shared__ float q_smem[];  // [head_dim]
-  __shared__ float red[kThreads / 32];
-  const std::int64_t row = p.row_begin + blockIdx.x;
-  const std::int64_t qh = row / p.num_queries;
-  const std::int64_t i = row - qh * p.num_queries;
-  const std::int64_t h = qh / p.layer.group_size;
-  const std::int64_t n = p.layer.lens.v[h];
-  const std::int64_t d = p.layer.head_dim;
-  const std::int64_t qpos = p.first_pos + i;
-  float* out = p.probs + static_cast<std::int64_t>(blockIdx.x) * p.layer.capacity;
-  const float* q = p.queries + (qh * p.num_queries + i) * d;
-  for (std::int64_t t = threadIdx.x; t < d; t += kThreads) q_smem[t] = q[t];
-  __syncthreads();
-  const std::int32_t* pos = p.layer.head_positions(h);
-  const float ninf = negative_infinity();
-  float mx = ninf;
-  for (std::int64_t j = threadIdx.x; j < n; j += kThreads) {
-    float logit = ninf;
-    if (pos[j] <= qpos) {
-      const float* k = p.layer.key(h, j);
-      float acc = 0.0f;
-      for (std::int64_t t = 0; t < d; ++t) acc = fmaf(q_smem[t], k[t], acc);
-      logit = acc * p.scale;
-      mx = mx < logit ? logit : mx;
-    }
-    out[j] = logit;
-  }
-  mx = block_max<kThreads>(mx, red);
-  if (mx == ninf) {
-    for (std::int64_t j = threadIdx.x; j < n; j += kThreads) out[j] = 0.0f;
-    return;
-  }
-  float sum = 0.0f;
-  for (std::int64_t j = threadIdx.x; j < n; j += kThreads) {
-    const float x = out[j];
-    const float e = x == ninf ? 0.0f : expf(fmaxf(x - mx, -87.0f));
-    out[j] = e;
-    sum += e;
-  }
-  sum = block_sum<kThreads>(sum, red);
-  const float inv = 1.0f / sum;
-  for (std::int64_t j = threadIdx.x; j < n; j += kThreads) out[j] *= inv;
-}
 
 struct ColumnStatsParams {
   DeviceLayer layer;
@@ -180,27 +118,16 @@ inline void launch_zero_live(const FillParams& p, cudaStream_t stream, const cha
   check_launch(where, "zero_live_kernel");
 }
 
-// sums/sumsq of query softmaxes, kWindowRowTile flattened rows at a time through `probs_ws`
-// ([kWindowRowTile, capacity]): probabilities first, then an in-order column reduction.
+// sums/sumsq of query softmaxes (window_stats_tiled.cuh: row statistics, then column sums, no
+// probabilities held); no query zeroes the live slots. workspace: window_workspace_floats floats.
 inline void launch_window_column_stats(const DeviceLayer& layer, const float* queries, std::int64_t num_queries,
                                        std::int64_t first_pos, float scale, float* sums, float* sumsq,
-                                       float* probs_ws, cudaStream_t stream, const char* where) {
+                                       float* workspace, cudaStream_t stream, const char* where) {
   if (num_queries <= 0) {
     launch_zero_live({layer, sums, sumsq}, stream, where);
     return;
   }
-  if (layer.max_len == 0) return;
-  const std::int64_t total = layer.num_q_heads * num_queries;
-  const std::size_t smem = static_cast<std::size_t>(layer.head_dim) * sizeof(float);
-  if (smem > 48 * 1024)
-    kvevict::detail::fail<UnsupportedError>(where, "head_dim", layer.head_dim, "the CUDA window scoring takes head_dim <= 12288");
-  for (std::int64_t r0 = 0; r0 < total; r0 += kWindowRowTile) {
-    const std::int64_t rows = total - r0 < kWindowRowTile ? total - r0 : kWindowRowTile;
-    window_probs_kernel<kWindowThreads><<<static_cast<unsigned>(rows), kWindowThreads, smem, stream>>>(
-        WindowProbsParams{layer, queries, num_queries, first_pos, scale, r0, rows, probs_ws});
-    check_launch(where, "window_probs_kernel");
-    launch_column_stats({layer, probs_ws, num_queries, layer.capacity, r0, r0 + rows, true, sums, sumsq}, stream, where);
-  }
+  launch_window_stats_tiled(layer, queries, num_queries, first_pos, scale, sums, sumsq, workspace, stream, where);
 }
 
 // ---- pool_tokens ----
