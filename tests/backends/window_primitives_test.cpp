@@ -201,6 +201,91 @@ TEST_CASE("window_column_stats gives zero to keys no query can see and counts a 
   CHECK(sumsq == std::vector<float>{0.0f, 3.5f, 0.0f, 0.5f});
 }
 
+// Logits far from zero take other paths through the softmax (an exponent anchored at the row's
+// maximum, a clamp, a subtraction first); these cases need them. Inputs are multiples of 1/4 so
+// every dot product is exact in fp32 and the reference sees the logits the backend sees, up to
+// the final scaling.
+TEST_CASE("window_column_stats matches the double reference for logits beyond 43 nats, spreads beyond 88 nats and "
+          "logits beyond 700000 nats",
+          "[backend][cpu][window]") {
+  for (std::uint64_t seed = 1; seed <= 12; ++seed) {
+    CAPTURE(seed);
+    Rng rng(300 + seed);
+    const std::int64_t kv = rng.uniform_int(1, 2), g = rng.pick<std::int64_t>({1, 2}), d = 16;
+    const std::int64_t cap = rng.uniform_int(9, 80), nq = rng.pick<std::int64_t>({3, 33, 70});
+    ManualLayer m = random_layer(rng, kv, g, d, cap, 1.0f);
+    const bool huge = seed % 3 == 0;  // one key dominates each row by far more than 2^20 octaves
+    for (std::int64_t h = 0; h < kv; ++h)
+      for (std::int64_t s = 0; s < m.len(h); ++s)
+        for (std::int64_t e = 0; e < d; ++e)
+          m.key(h, s, e) = huge ? (e == 0 ? static_cast<float>(rng.uniform_int(-40, 40)) : 0.0f)
+                                : static_cast<float>(rng.uniform_int(-16, 16)) * 0.25f;
+    std::vector<float> queries(static_cast<std::size_t>(m.q * nq * d));
+    for (std::size_t i = 0; i < queries.size(); ++i)
+      queries[i] = huge ? (i % static_cast<std::size_t>(d) == 0 ? 0x1p22f : 0.0f)
+                        : static_cast<float>(rng.uniform_int(-16, 16)) * 0.25f;
+    const std::int64_t first = rng.uniform_int(-2, 2 * cap);
+    const float scale = huge ? 1.0f : rng.pick<float>({0.5f, 1.0f});
+    CAPTURE(kv, g, cap, nq, first, scale, huge);
+
+    CpuBackend b;
+    b.reserve(m.shape());
+    std::vector<float> sums(static_cast<std::size_t>(m.q * cap), kSentinel), sumsq(sums.size(), kSentinel);
+    b.window_column_stats(m.view(), queries.data(), nq, first, scale, sums.data(), sumsq.data());
+    const RefStats ref = ref_window_stats(m, queries, nq, first, scale);
+    for (std::int64_t qh = 0; qh < m.q; ++qh)
+      for (std::int64_t j = 0; j < cap; ++j) {
+        const auto at = static_cast<std::size_t>(qh * cap + j);
+        if (j >= m.len(qh / g)) {
+          CHECK(sums[at] == kSentinel);
+          continue;
+        }
+        INFO("q-head " << qh << " slot " << j << " position " << m.position(qh / g, j));
+        // Logits up to ~200 nats: fp32 rounding of the scaled logit alone is ~1e-5 relative.
+        CHECK(close(sums[at], ref.sums[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 5e-5, 1e-7));
+        CHECK(close(sumsq[at], ref.sumsq[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 1e-4, 1e-7));
+      }
+  }
+}
+
+TEST_CASE("a key 60 nats below every other leaves the other keys' window statistics bit-identical",
+          "[backend][cpu][window]") {
+  // Its probability is ~1e-26 of the row's, far below fp32 resolution, yet its logit moves the
+  // softmax off its small-logit path: both paths must give the same bits. Keys are multiples of 1/8,
+  // so every logit is exact whatever order the GEMM sums in (Eigen's order depends on the shape).
+  for (std::uint64_t seed = 1; seed <= 8; ++seed) {
+    CAPTURE(seed);
+    Rng rng(400 + seed);
+    const std::int64_t d = 8, n = rng.uniform_int(8, 70), nq = rng.pick<std::int64_t>({5, 40});
+    ManualLayer without(1, 2, d, n + 1), with(1, 2, d, n + 1);
+    without.lens[0] = n;
+    with.lens[0] = n + 1;
+    for (std::int64_t s = 0; s < n; ++s) {
+      const auto p = static_cast<std::int32_t>(rng.uniform_int(0, 3 * n));
+      without.position(0, s) = with.position(0, s) = p;
+      for (std::int64_t e = 0; e < d; ++e)
+        without.key(0, s, e) = with.key(0, s, e) = static_cast<float>(rng.uniform_int(0, 7)) * 0.125f;
+    }
+    with.position(0, n) = 0;  // seen by every query
+    with.key(0, n, 0) = -60.0f;
+    std::vector<float> queries(static_cast<std::size_t>(2 * nq * d));
+    for (std::size_t i = 0; i < queries.size(); ++i) queries[i] = i % static_cast<std::size_t>(d) == 0 ? 1.0f : 0.5f;
+    const std::int64_t first = rng.uniform_int(0, 3 * n);
+    CAPTURE(n, nq, first);
+    CpuBackend b;
+    b.reserve(with.shape());
+    std::vector<float> s0(static_cast<std::size_t>(2 * (n + 1))), q0(s0.size()), s1(s0.size()), q1(s0.size());
+    b.window_column_stats(without.view(), queries.data(), nq, first, 1.0f, s0.data(), q0.data());
+    b.window_column_stats(with.view(), queries.data(), nq, first, 1.0f, s1.data(), q1.data());
+    for (std::int64_t qh = 0; qh < 2; ++qh)
+      for (std::int64_t j = 0; j < n; ++j) {
+        const auto at = static_cast<std::size_t>(qh * (n + 1) + j);
+        CHECK(s1[at] == s0[at]);
+        CHECK(q1[at] == q0[at]);
+      }
+  }
+}
+
 TEST_CASE("window_column_stats_from_probs sums given probability rows and their squares over live slots only",
           "[backend][cpu][window]") {
   for (std::uint64_t seed = 1; seed <= 20; ++seed) {

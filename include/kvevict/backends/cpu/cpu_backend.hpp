@@ -322,9 +322,13 @@ class CpuBackend {
   // Window statistics from queries: sums[qh, j] = sum_i p_i(j) and, when sumsq != nullptr,
   // sumsq[qh, j] = sum_i p_i(j)^2, where p_i is query i's fp32 softmax over the keys it sees
   // (position <= first_pos + i). Overwrites both outputs for the live slots. Streams over tiles.
+  // The GEMM writes logits in base 2 (log2 e folded into its scale), so each softmax term is one
+  // 2^x (window_softmax, relative error <= 3.7e-7): the sums agree with an expf-based softmax to
+  // the rounding error of the fp32 logits.
   void window_column_stats(const LayerView<float>& v, const float* queries, std::int64_t num_queries,
                            std::int64_t first_pos, float scale, float* sums, float* sumsq) {
     const std::int64_t g = v.group_size();
+    const float log2_scale = scale * 1.44269504088896341f;  // scale * log2(e)
     for (std::int64_t qh = 0; qh < v.num_q_heads; ++qh) {
       const std::int64_t h = qh / g;
       const std::int64_t n = v.lens[h];
@@ -341,18 +345,25 @@ class CpuBackend {
       std::int64_t num_late = 0;
       for (std::int64_t j = 0; j < n; ++j)
         if (pos[j] > first_pos) order_[static_cast<std::size_t>(num_late++)] = static_cast<std::int32_t>(j);
-      Eigen::Map<Eigen::ArrayXf> s_all(s, n);
       for (std::int64_t i0 = 0; i0 < num_queries; i0 += kQueryTile) {
         const std::int64_t rows = std::min(kQueryTile, num_queries - i0);
         ConstRowMap qt(queries + (qh * num_queries + i0) * v.head_dim, rows, v.head_dim, Stride(v.head_dim, 1));
         RowMap logits(tile_.data(), rows, n, Stride(n, 1));
-        logits.noalias() = (qt * k.transpose()) * scale;
+        logits.noalias() = (qt * k.transpose()) * log2_scale;
         for (std::int64_t r = 0; r < rows; ++r) {
           float* row = tile_.data() + r * n;
-          if (!window_softmax(row, pos, n, first_pos + i0 + r, order_.data(), num_late)) continue;
-          const Eigen::Map<const Eigen::ArrayXf> p(row, n);
-          s_all += p;
-          if (sq != nullptr) Eigen::Map<Eigen::ArrayXf>(sq, n) += p.square();
+          const float inv = window_softmax(row, pos, n, first_pos + i0 + r, order_.data(), num_late);
+          if (inv == 0.0f) continue;  // sees no key
+          // p = e * inv, added in one pass over the row (in L1 by now).
+          if (sq == nullptr) {
+            for (std::int64_t j = 0; j < n; ++j) s[j] += row[j] * inv;
+          } else {
+            for (std::int64_t j = 0; j < n; ++j) {
+              const float p = row[j] * inv;
+              s[j] += p;
+              sq[j] += p * p;
+            }
+          }
         }
       }
     }
@@ -549,43 +560,80 @@ class CpuBackend {
     return true;
   }
 
-  // e^x for x in [-87, 0], within one ulp of expf: Cephes' polynomial after a Cody-Waite reduction
-  // by ln 2, the power of two built in the exponent bits. Branch-free, so the loops calling it
-  // vectorize (g++ and clang, plain SSE2): about twice the speed of Eigen's packet exp there.
-  static float exp_nonpositive(float x) noexcept {
-    const float t = x * 1.44269504088896341f;
-    const float r = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
-    const float f = (x - r * 0.693359375f) - r * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * f + 1.3981999507e-3f;
-    p = p * f + 8.3334519073e-3f;
-    p = p * f + 4.1665795894e-2f;
-    p = p * f + 1.6666665459e-1f;
-    p = p * f + 5.0000001201e-1f;
-    p = p * f * f + f + 1.0f;
-    const std::int32_t e = static_cast<std::int32_t>(r) + 127;  // r in [-126, 0]: a normal float
-    return p * std::bit_cast<float>(e << 23);
+  // 2^(x - m) for a base-2 logit x in [m - 127, m], where m is an integer with |m| <= 2^20 and
+  // magic = 1.5 * 2^23 + 127 - m. x + magic rounds to an integer whose low mantissa bits hold
+  // round(x) - m + 127, the biased exponent of 2^(round(x) - m); f = x - round(x) in [-0.5, 0.5]
+  // is exact; 2^f = q(f)^2 with q the degree-4 minimax fit of 2^(f/2) on [-0.5, 0.5]. Relative
+  // error <= 3.7e-7 (measured over every float f in [-0.5, 0.5]), below the rounding error the
+  // fp32 logit itself carries once |x| > 4. Exponent field 0 (x < m - 126.5) gives +0.
+  // Straight-line code, so the loop calling it vectorizes on plain SSE2: 13 float operations and
+  // a shift, where Cephes' expf after a Cody-Waite reduction by ln 2 takes 22 and 3 integer ones.
+  static float exp2_shifted(float x, float magic) noexcept {
+    const float biased = x + magic;
+    const float f = x - (biased - magic);
+    float q = 6.0353289024047449e-4f;
+    q = q * f + 6.9518440775235954e-3f;
+    q = q * f + 6.0056361473567533e-2f;
+    q = q * f + 3.4657267182036006e-1f;
+    q = q * f + 1.0f;
+    return (q * q) * std::bit_cast<float>(std::bit_cast<std::uint32_t>(biased) << 23);
   }
 
-  // masked_softmax for a row whose only maskable keys are late[0, num_late): those with position
-  // > qpos become 0. Whole-row, vectorized passes (the masked scalar loop above costs more than
-  // the window's GEMM). Logits more than 87 below the row's max get e^-87 ~ 1.6e-38 instead of a
-  // smaller number. Returns false when the query sees no key.
-  static bool window_softmax(float* row, const std::int32_t* pos, std::int64_t n, std::int64_t qpos,
-                             const std::int32_t* late, std::int64_t num_late) {
-    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-    for (std::int64_t i = 0; i < num_late; ++i)
-      if (pos[late[i]] > qpos) row[late[i]] = kNegInf;
+  // One window query's softmax numerators over a row of base-2 logits: row[j] = 2^(row[j] - m) for
+  // an integer shift m, and 0 for the keys it cannot see (late[i] with position > qpos; every other
+  // key is visible). Returns 1 / sum(row), or 0 when the query sees no key. m cancels exactly in
+  // e * (1 / sum) (a power of two) while every term is a normal float, so it only has to keep them
+  // in range: when every |logit| <= 62, m = 0 and one pass (max |x|) replaces max and min; otherwise
+  // m = ceil(max) and a min pass rules out logits below m - 127 (-inf, or a spread over 127
+  // octaves), which are clamped. Logits more than 126.5 below the max (2^-126 relative) give 0.
+  // A NaN logit, or a max of +inf, gives NaN, as expf would.
+  static float window_softmax(float* row, const std::int32_t* pos, std::int64_t n, std::int64_t qpos,
+                              const std::int32_t* late, std::int64_t num_late) {
+    auto set_masked = [&](float value) {
+      std::int64_t count = 0;
+      for (std::int64_t i = 0; i < num_late; ++i)
+        if (pos[late[i]] > qpos) {
+          row[late[i]] = value;
+          ++count;
+        }
+      return count;
+    };
+    if (set_masked(0.0f) == n) return 0.0f;  // 0 leaves max |x| as the visible keys have it
     Eigen::Map<Eigen::ArrayXf> x(row, n);
-    const float mx = x.maxCoeff();
-    if (mx == kNegInf) return false;
-    // The clamp is its own pass: inside the exp loop it stops g++ 12 from vectorizing.
-    for (std::int64_t j = 0; j < n; ++j) row[j] = std::max(row[j] - mx, -87.0f);
-    for (std::int64_t j = 0; j < n; ++j) row[j] = exp_nonpositive(row[j]);
-    for (std::int64_t i = 0; i < num_late; ++i)
-      if (pos[late[i]] > qpos) row[late[i]] = 0.0f;
-    x *= 1.0f / x.sum();
-    return true;
+    float m = 0.0f;
+    if (x.abs().maxCoeff() <= 62.0f) {
+      set_masked(-127.0f);  // 2^-127 is built as exactly +0 below
+    } else {
+      set_masked(-std::numeric_limits<float>::infinity());
+      const float mx = x.maxCoeff();
+      if (mx == -std::numeric_limits<float>::infinity()) return 0.0f;
+      m = std::ceil(mx);
+      if (std::abs(m) <= 0x1p20f) {
+        const float lo = m - 127.0f;
+        set_masked(lo);
+        if (x.minCoeff() < lo)
+          for (std::int64_t j = 0; j < n; ++j) row[j] = std::max(row[j], lo);
+      } else {  // NaN, +inf, or beyond the magic-number rounding: shift first, as expf(x - max) would
+        for (std::int64_t j = 0; j < n; ++j) row[j] = std::max(row[j] - mx, -127.0f);
+        m = 0.0f;
+      }
+    }
+    const float magic = 12582912.0f + (127.0f - m);
+    // Eight running sums in a fixed order: the same result whether or not the compiler vectorizes.
+    float acc[8] = {};
+    std::int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (std::int64_t l = 0; l < 8; ++l) {
+        const float e = exp2_shifted(row[j + l], magic);
+        row[j + l] = e;
+        acc[l] += e;
+      }
+    for (; j < n; ++j) {
+      const float e = exp2_shifted(row[j], magic);
+      row[j] = e;
+      acc[j & 7] += e;
+    }
+    return 1.0f / (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])));
   }
 
   using Stride = Eigen::Stride<Eigen::Dynamic, 1>;
