@@ -4,7 +4,9 @@
 
 #include <benchmark/benchmark.h>
 
+#include <Eigen/Core>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -90,6 +92,51 @@ inline std::string bench_name(const char* family, const char* tag) {
   std::string name = family;
   if (tag != nullptr && tag[0] != '\0') name += std::string("/") + tag;
   return name;
+}
+
+// ---- Observation-window scoring: shared inputs and the GEMM baseline ----
+// window_bench.cpp (BM_WindowScoring) and cake_bench.cpp (BM_CakeScoring) each sit beside the GEMM
+// inside them; both build their inputs from these seeds so the pair sees the same data.
+
+// One kv-head of T keys: fill(cache, T, kWindowKeySeed). Queries [q_head, window, head_dim]:
+// random_floats(group * window * head_dim, kWindowQuerySeed).
+inline constexpr std::uint64_t kWindowKeySeed = 13;
+inline constexpr std::uint64_t kWindowQuerySeed = 31;
+
+// Per iteration: bytes read (one GQA group's window queries and the T keys) and logits computed.
+inline void set_window_scoring_throughput(benchmark::State& state, std::int64_t window, std::int64_t group,
+                                          std::int64_t t, std::int64_t head_dim) {
+  const auto iters = static_cast<std::int64_t>(state.iterations());
+  state.SetBytesProcessed(iters * (group * window + t) * head_dim * static_cast<std::int64_t>(sizeof(float)));
+  state.SetItemsProcessed(iters * group * window * t);
+}
+
+// The Eigen GEMM inside window scoring, alone, with the scoring benchmark's arguments (range(0) = T,
+// range(1) = head_dim): per q-head of one GQA group, logits[w, T] = (Q[w, d] x K[T, d]^T) * scale,
+// scale = 1 / sqrt(d). Register it with the pair's window and group. Bound: compute.
+inline void window_gemm_baseline(benchmark::State& state, std::int64_t window, std::int64_t group) {
+  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const std::int64_t t = state.range(0), head_dim = state.range(1);
+  Cache cache(one_layer_shape(1, group, head_dim, t));
+  fill(cache, t, kWindowKeySeed);
+  const std::vector<float> keys = cache.keys(0, 0);
+  const std::vector<float> queries = random_floats(group * window * head_dim, kWindowQuerySeed);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const Eigen::Map<const RowMatrix> k(keys.data(), t, head_dim);
+  RowMatrix logits(window, t);
+  auto run = [&] {
+    for (std::int64_t qh = 0; qh < group; ++qh) {
+      const Eigen::Map<const RowMatrix> q(queries.data() + qh * window * head_dim, window, head_dim);
+      logits.noalias() = (q * k.transpose()) * scale;
+      benchmark::DoNotOptimize(logits.data());
+    }
+  };
+  run();  // warm-up
+  for (auto _ : state) {
+    run();
+    benchmark::ClobberMemory();
+  }
+  set_window_scoring_throughput(state, window, group, t, head_dim);
 }
 
 }  // namespace kvevict::bench

@@ -3,7 +3,8 @@
 //                           softmax, mean + gamma * var, entropy and variance) then
 //                           cake_pool_in_order (avg pool 5, group mean). w = 32 window queries
 //                           over T keys, GQA group 4. Bound: compute (GEMM, exp, log).
-//   BM_WindowGemm/cake      the Eigen GEMM inside it, alone: [w, d] x [d, T] per q-head.
+//   BM_WindowGemm/cake      the Eigen GEMM inside it, alone: [w, d] x [d, T] per q-head
+//                           (bench_support.hpp's window_gemm_baseline, as BM_WindowGemm).
 //   BM_CakeCascade          one cascade step, CAKE::rebalance(): split the total over `layers`
 //                           prefilled layers of T tokens and re-evict them all (top-k selection,
 //                           stable compaction of K, V and scores, re-ranking). 4 kv-heads.
@@ -13,7 +14,6 @@
 // Bytes processed: scoring pairs count the queries and keys read; cascade pairs the bytes moved.
 #include <time.h>
 
-#include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,8 +23,6 @@
 
 namespace kvevict::bench {
 namespace {
-
-using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 constexpr std::int64_t kWindow = 32;
 constexpr std::int64_t kGroup = 4;  // q-heads per kv-head of the scoring pair
@@ -43,12 +41,12 @@ struct ScoringSetup {
 
   ScoringSetup(std::int64_t t, std::int64_t head_dim)
       : cache(one_layer_shape(1, kGroup, head_dim, t)),
-        queries(random_floats(kGroup * kWindow * head_dim, 31)),
+        queries(random_floats(kGroup * kWindow * head_dim, kWindowQuerySeed)),
         indicator(static_cast<std::size_t>(kGroup * t)),
         scores(static_cast<std::size_t>(t)),
         order(static_cast<std::size_t>(t)),
         scale(1.0f / std::sqrt(static_cast<float>(head_dim))) {
-    fill(cache, t, 13);
+    fill(cache, t, kWindowKeySeed);
     const CakeWorkspaceSize ws = cake_workspace_size(cache.shape(), kWindow);
     ws_rows.resize(static_cast<std::size_t>(ws.rows));
     ws_terms.resize(static_cast<std::size_t>(ws.terms));
@@ -56,12 +54,6 @@ struct ScoringSetup {
   }
   [[nodiscard]] CakeWorkspace workspace() { return {ws_rows.data(), ws_terms.data(), ws_slots.data()}; }
 };
-
-void set_scoring_throughput(benchmark::State& state, std::int64_t t, std::int64_t head_dim) {
-  const auto iters = static_cast<std::int64_t>(state.iterations());
-  state.SetBytesProcessed(iters * (kGroup * kWindow + t) * head_dim * static_cast<std::int64_t>(sizeof(float)));
-  state.SetItemsProcessed(iters * kGroup * kWindow * t);  // window probabilities
-}
 
 void BM_CakeScoring(benchmark::State& state) {
   const std::int64_t t = state.range(0), head_dim = state.range(1);
@@ -81,28 +73,7 @@ void BM_CakeScoring(benchmark::State& state) {
     benchmark::DoNotOptimize(stats);
     benchmark::ClobberMemory();
   }
-  set_scoring_throughput(state, t, head_dim);
-}
-
-void BM_WindowGemmCake(benchmark::State& state) {
-  const std::int64_t t = state.range(0), head_dim = state.range(1);
-  ScoringSetup s(t, head_dim);
-  const std::vector<float> keys = s.cache.keys(0, 0);
-  const Eigen::Map<const RowMatrix> k(keys.data(), t, head_dim);
-  RowMatrix logits(kWindow, t);
-  auto run = [&] {
-    for (std::int64_t qh = 0; qh < kGroup; ++qh) {
-      const Eigen::Map<const RowMatrix> q(s.queries.data() + qh * kWindow * head_dim, kWindow, head_dim);
-      logits.noalias() = (q * k.transpose()) * s.scale;
-      benchmark::DoNotOptimize(logits.data());
-    }
-  };
-  run();
-  for (auto _ : state) {
-    run();
-    benchmark::ClobberMemory();
-  }
-  set_scoring_throughput(state, t, head_dim);
+  set_window_scoring_throughput(state, kWindow, kGroup, t, head_dim);  // items: window probabilities
 }
 
 // ---- one cascade step vs memcpy of what it moves ----
@@ -230,7 +201,7 @@ void BM_MemcpyCascade(benchmark::State& state) {
   for (const std::int64_t t : {1024, 4096})
     for (const std::int64_t head_dim : {64, 128}) {
       benchmark::RegisterBenchmark("BM_CakeScoring", BM_CakeScoring)->Args({t, head_dim})->ArgNames({"T", "dim"});
-      benchmark::RegisterBenchmark(bench_name("BM_WindowGemm", "cake").c_str(), BM_WindowGemmCake)
+      benchmark::RegisterBenchmark(bench_name("BM_WindowGemm", "cake").c_str(), window_gemm_baseline, kWindow, kGroup)
           ->Args({t, head_dim})
           ->ArgNames({"T", "dim"});
     }

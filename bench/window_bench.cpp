@@ -1,7 +1,8 @@
 // Observation-window primitives of the CPU backend, each beside the baseline that bounds it, with
 // identical arguments:
 //   BM_WindowScoring  CpuBackend::window_column_stats (w = 32 window queries over T keys, GQA group 4)
-//   BM_WindowGemm     the Eigen GEMM inside it, alone: [w, d] x [d, T] per q-head. Bound: compute.
+//   BM_WindowGemm     the Eigen GEMM inside it, alone: [w, d] x [d, T] per q-head (bench_support.hpp's
+//                     window_gemm_baseline, shared with cake_bench.cpp). Bound: compute.
 //   BM_PoolAvg/Max    CpuBackend::pool_tokens over [0, T - w) of 8 kv-heads x 4 rows
 //   BM_ReadBytesPool  a plain sum over the same input bytes. Bound: bandwidth (k reads per output).
 //   BM_SelectTopK     CpuBackend::select_topk keeping half of T per kv-head (8 heads)
@@ -10,7 +11,6 @@
 //   BM_MemcpyPerHead  memcpy of the bytes that compaction moves. Bound: bandwidth.
 // Allocation and warm-up happen outside the timed loops; bytes processed are the bytes read (or
 // moved), so the pair's GB/s compare directly.
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -21,8 +21,6 @@
 
 namespace kvevict::bench {
 namespace {
-
-using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 constexpr std::int64_t kWindow = 32;
 constexpr std::int64_t kGroup = 4;      // q-heads per kv-head in the scoring pair
@@ -52,18 +50,12 @@ struct ScoringSetup {
 
   ScoringSetup(std::int64_t t, std::int64_t head_dim)
       : cache(one_layer_shape(1, kGroup, head_dim, t)),
-        queries(random_floats(kGroup * kWindow * head_dim, 31)),
+        queries(random_floats(kGroup * kWindow * head_dim, kWindowQuerySeed)),
         sums(static_cast<std::size_t>(kGroup * t)),
         scale(1.0f / std::sqrt(static_cast<float>(head_dim))) {
-    fill(cache, t, 13);
+    fill(cache, t, kWindowKeySeed);
   }
 };
-
-void set_scoring_throughput(benchmark::State& state, std::int64_t t, std::int64_t head_dim) {
-  const auto iters = static_cast<std::int64_t>(state.iterations());
-  state.SetBytesProcessed(iters * (kGroup * kWindow + t) * head_dim * static_cast<std::int64_t>(sizeof(float)));
-  state.SetItemsProcessed(iters * kGroup * kWindow * t);  // logits
-}
 
 void BM_WindowScoring(benchmark::State& state) {
   const std::int64_t t = state.range(0), head_dim = state.range(1);
@@ -78,28 +70,7 @@ void BM_WindowScoring(benchmark::State& state) {
     benchmark::DoNotOptimize(s.sums.data());
     benchmark::ClobberMemory();
   }
-  set_scoring_throughput(state, t, head_dim);
-}
-
-void BM_WindowGemm(benchmark::State& state) {
-  const std::int64_t t = state.range(0), head_dim = state.range(1);
-  ScoringSetup s(t, head_dim);
-  const std::vector<float> keys = s.cache.keys(0, 0);
-  const Eigen::Map<const RowMatrix> k(keys.data(), t, head_dim);
-  RowMatrix logits(kWindow, t);
-  auto run = [&] {
-    for (std::int64_t qh = 0; qh < kGroup; ++qh) {
-      const Eigen::Map<const RowMatrix> q(s.queries.data() + qh * kWindow * head_dim, kWindow, head_dim);
-      logits.noalias() = (q * k.transpose()) * s.scale;
-      benchmark::DoNotOptimize(logits.data());
-    }
-  };
-  run();
-  for (auto _ : state) {
-    run();
-    benchmark::ClobberMemory();
-  }
-  set_scoring_throughput(state, t, head_dim);
+  set_window_scoring_throughput(state, kWindow, kGroup, t, head_dim);
 }
 
 // ---- pooling vs a read of its input ----
@@ -269,7 +240,9 @@ void BM_MemcpyPerHead(benchmark::State& state) {
   for (const std::int64_t t : {1024, 4096, 16384})
     for (const std::int64_t head_dim : {64, 128}) {
       benchmark::RegisterBenchmark("BM_WindowScoring", BM_WindowScoring)->Args({t, head_dim})->ArgNames({"T", "dim"});
-      benchmark::RegisterBenchmark("BM_WindowGemm", BM_WindowGemm)->Args({t, head_dim})->ArgNames({"T", "dim"});
+      benchmark::RegisterBenchmark("BM_WindowGemm", window_gemm_baseline, kWindow, kGroup)
+          ->Args({t, head_dim})
+          ->ArgNames({"T", "dim"});
     }
   for (const std::int64_t t : {4096, 32768})
     for (const std::int64_t kernel : {5, 7}) {
