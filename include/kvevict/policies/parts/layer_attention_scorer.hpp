@@ -9,6 +9,7 @@
 #include "kvevict/core/error.hpp"
 #include "kvevict/core/layer_view.hpp"
 #include "kvevict/core/observation.hpp"
+#include "kvevict/policies/parts/step_probabilities.hpp"
 #include "kvevict/policies/parts/topk_eviction_policy.hpp"
 
 namespace kvevict {
@@ -40,18 +41,9 @@ class LayerAttentionScorer {
         detail::fail_state<ShapeError>("LayerAttentionScorer::observe", "TOVA needs every kv-head of a layer to hold the same entries");
     auto v = cache.view(layer);
     auto& b = cache.backend();
-    const float* probs = obs.probs.ptr;
-    std::int64_t stride = obs.probs_stride;
-    if (obs.has_queries()) {
-      const float scale = obs.logit_scale(v.head_dim);
-      b.attention_probs(v, obs.queries.ptr, scale, q_probs_.data());
-      probs = q_probs_.data();
-      stride = capacity_;
-    } else if (stride != capacity_) {
-      b.window_column_stats_from_probs(v, probs, 1, stride, q_probs_.data(), nullptr);  // repack to [q_head, capacity]
-      probs = q_probs_.data();
-    }
-    b.layer_mean(v, probs, layer_kv(layer));
+    // layer_mean reads [q_head, capacity]: engine rows at another stride are repacked.
+    const StepProbabilities p = step_probabilities<StepProbsStride::capacity>(b, v, obs, q_probs_.data());
+    b.layer_mean(v, p.ptr, layer_kv(layer));
   }
 
   [[nodiscard]] float* kv_scores(Cache&, std::int64_t layer) { return layer_kv(layer); }

@@ -14,6 +14,7 @@
 #include "kvevict/core/layer_view.hpp"
 #include "kvevict/core/observation.hpp"
 #include "kvevict/core/recurrence.hpp"
+#include "kvevict/policies/parts/step_probabilities.hpp"
 #include "kvevict/policies/parts/topk_eviction_policy.hpp"
 
 namespace kvevict {
@@ -120,18 +121,12 @@ class RecurrenceScorer {
                                                       : "the exact clock is limited to 2^24 decode steps");
     auto v = cache.view(layer);
     auto& b = cache.backend();
-    const float* probs = obs.probs.ptr;
-    std::int64_t stride = obs.probs_stride;
-    if (obs.has_queries()) {
-      const float scale = obs.logit_scale(v.head_dim);
-      b.attention_probs(v, obs.queries.ptr, scale, q_probs_.data());
-      probs = q_probs_.data();
-      stride = capacity_;
-    }
+    // record_recurrence takes any row stride, so engine rows are read in place.
+    const StepProbabilities p = step_probabilities<StepProbsStride::as_given>(b, v, obs, q_probs_.data());
     init_fresh(cache, layer);
     const RecurrenceEventParams params{t, cfg_.alpha, cfg_.group_event, cfg_.fp16_compat};
     float* events = cfg_.trace ? events_.data() + layer * kv_heads_ * capacity_ : nullptr;
-    record_recurrence(b, v, probs, stride, params, layer_last(layer), layer_mri(layer), events);
+    record_recurrence(b, v, p.ptr, p.stride, params, layer_last(layer), layer_mri(layer), events);
     clock_[l] = t;
     if (cfg_.trace) trace_step(cache, layer, t);
   }
