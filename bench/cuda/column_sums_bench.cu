@@ -105,13 +105,7 @@ void BM_CudaNaiveColumnSums(benchmark::State& state) {
     }
     cuda::check_launch("BM_CudaNaiveColumnSums", "naive kernels");
   };
-  EventTimer timer(stream);
-  run();  // warm-up
-  for (auto _ : state) {
-    timer.start();
-    run();
-    state.SetIterationTime(timer.stop_seconds());
-  }
+  time_loop(state, stream, run);
   set_counters(state, t, d);
 }
 

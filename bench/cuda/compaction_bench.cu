@@ -1,7 +1,7 @@
 // Stable compaction against its physical limit. Bandwidth-bound.
 // BM_CudaCompact/T/d: one layer of 8 kv-heads holding T entries each, compacted to its even slots
-//   (T/2 kept; every kept slot but 0 moves): K, V and positions through the chunk workspace, so
-//   the kept bytes are read and written twice.
+//   (T/2 kept; every kept slot but 0 moves): K, V and positions in place, one launch, every
+//   moving row read and written once.
 // BM_CudaMemcpyD2D/T/d: one cudaMemcpyAsync of the same bytes (the kept K and V rows and
 //   positions), read and written once: the floor for moving them.
 // Both report bytes processed = the kept bytes, so their bytes/s compare directly.

@@ -75,6 +75,18 @@ class EventTimer {
   cudaEvent_t start_{}, stop_{};
 };
 
+// Times `run` (queued on `stream`) once per iteration, after one warm-up call, as manual time.
+template <class Run>
+void time_loop(benchmark::State& state, cudaStream_t stream, Run&& run) {
+  EventTimer timer(stream);
+  run();  // warm-up
+  for (auto _ : state) {
+    timer.start();
+    run();
+    state.SetIterationTime(timer.stop_seconds());
+  }
+}
+
 // n uniform floats in [lo, hi) from a fixed seed, on the device.
 inline cuda::DeviceBuffer<float> random_device(std::int64_t n, std::uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
   std::vector<float> host(static_cast<std::size_t>(n));

@@ -1,9 +1,13 @@
 // One decode step over a cache of T entries per kv-head (8 kv-heads, GQA 4), each policy's full
 // step beside the attention it accompanies. Bandwidth-bound (K and V are read once per step).
 // BM_CudaAttentionStep/T/d: CudaBackend::attend for one query per q-head (the engine's own work).
-// BM_CudaStepH2O/T/d: append the token, attend, H2O.on_decode with the step's probabilities
-//   (NaN/Inf check, column sums, group mean, victim selection, replacement).
-// BM_CudaStepStreamingLLM/T/d: append, attend, StreamingLLM.on_decode (victim by recency).
+// BM_CudaStepAppend/T/d: appending the step's token alone (one kernel), the engine's other
+//   per-step work inside the policy steps below; subtract it with the attention step.
+// BM_CudaStepH2O/T/d: append the token, attend, H2O.on_decode with the step's probabilities: one
+//   cooperative kernel (NaN/Inf check, column sums, group mean, victim, replacement) and one
+//   stream synchronisation to read its verdict.
+// BM_CudaStepStreamingLLM/T/d: append, attend, StreamingLLM.on_decode (the same kernel, victim by
+//   recency).
 // The cache sits at its budget, so every step evicts exactly one entry; the difference to
 // BM_CudaAttentionStep is the policy's per-step overhead, host synchronisation included.
 // Bytes processed = the K and V bytes of the T entries.
@@ -61,6 +65,22 @@ void BM_CudaAttentionStep(benchmark::State& state) {
   f.counters(state);
 }
 
+void BM_CudaStepAppend(benchmark::State& state) {
+  if (!start(state, "latency-bound (baseline)")) return;
+  DecodeFixture f(state.range(0), state.range(1));
+  // The layer as the backend sees it, lengths frozen at T: every append writes slot T again.
+  auto view = f.cache.view(0);
+  EventTimer timer(f.cache.backend().stream());
+  auto append = [&] { f.cache.backend().append(view, f.token_k.data(), f.token_v.data(), 1, f.t); };
+  append();  // warm-up
+  for (auto _ : state) {
+    timer.start();
+    append();
+    state.SetIterationTime(timer.stop_seconds());
+  }
+  f.counters(state);
+}
+
 void BM_CudaStepH2O(benchmark::State& state) {
   if (!start(state, "bandwidth-bound")) return;
   DecodeFixture f(state.range(0), state.range(1));
@@ -100,6 +120,7 @@ void BM_CudaStepStreamingLLM(benchmark::State& state) {
 }
 
 BENCHMARK(BM_CudaAttentionStep)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaStepAppend)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepH2O)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepStreamingLLM)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 
