@@ -199,7 +199,7 @@ if [[ -x "$TESTS_BIN" && -n "$SANITIZER" ]]; then
   if (($(remaining) > 60)); then
     KVEVICT_CUDA_TEST_SMALL=1 run_step racecheck "$(time_for 150 20)" "$OUT/racecheck.txt" \
       "$SANITIZER" --tool racecheck --error-exitcode 86 --print-limit 20 "$TESTS_BIN" \
-      "accumulate_query_column_sums*,select_topk on CUDA throws*,select_victims*"
+      "accumulate_query_column_sums*,select_topk on CUDA throws*,select_victims*,compact on CUDA*,evict_one*,window_column_stats*"
   else
     SKIPPED+=("racecheck (out of time)")
   fi
