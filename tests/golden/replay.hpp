@@ -284,6 +284,38 @@ class Uploaded {
   typename Cache::backend_type::template Buffer<float> buf_;
 };
 
+// The cache's inputs: shapes, granularity, cache kv-head -> input kv-head, K/V unrepeated. The
+// KVCache-Factory clusters read the granularity (cluster_setup); every other set's cache holds the
+// case's own kv-heads (own_heads_setup).
+struct ClusterSetup {
+  Shapes s;
+  bool query_head = true;
+  std::vector<std::int64_t> head_map;  // cache kv-head -> input kv-head
+  KVInputs in;
+  std::int64_t cache_heads = 0;
+};
+inline ClusterSetup cluster_setup(const GoldenCase& c) {
+  ClusterSetup u;
+  u.s = read_shapes(c);
+  u.query_head = query_head_granularity(c);
+  u.head_map = cache_head_map(c, u.s, u.query_head);
+  u.cache_heads = static_cast<std::int64_t>(u.head_map.size());
+  if (const auto oh = opt_int(c, "shapes", "out_heads"); oh && *oh != u.cache_heads)
+    io_fail(c, "shapes.out_heads disagrees with the granularity");
+  u.in = load_kv(c, u.s, false);
+  return u;
+}
+// `s` comes from the caller, which checks its set's options before any tensor is read.
+inline ClusterSetup own_heads_setup(const GoldenCase& c, const Shapes& s, bool keys_seq_last) {
+  ClusterSetup u;
+  u.s = s;
+  u.query_head = false;
+  u.in = load_kv(c, s, keys_seq_last);
+  u.head_map = cache_head_map(c, s, false);
+  u.cache_heads = s.kv_heads;
+  return u;
+}
+
 // Appends tokens [t0, t0 + n) of every cache head (cache head h reads input kv-head head_map[h]).
 template <class Cache>
 void append_tokens(Cache& cache, std::int64_t layer, const KVInputs& in, const std::vector<std::int64_t>& head_map,
@@ -374,6 +406,30 @@ inline ReplayResult new_result(const GoldenCase& c, const std::string& set) {
   return r;
 }
 
+// How every replay ends: the final kept sets and K/V rows.
+template <class Cache>
+void record_final(const GoldenCase& c, const Cache& cache, ReplayResult& r, bool keys_seq_last) {
+  record_keep(cache, r);
+  record_kv(c, cache, r, keys_seq_last);
+}
+
+// A prefill-only replay: a cache of the setup's heads with max(S, min_capacity) slots, then per
+// layer the whole prompt appended and one on_prefill with the observation that
+// make_obs(cache, layer, call) passes to call.
+template <template <class> class Policy, class Cache, class Config, class MakeObs>
+ReplayResult replay_prefill_only(const GoldenCase& c, const std::string& set, const ClusterSetup& u,
+                                 std::int64_t min_capacity, const Config& cfg, MakeObs&& make_obs) {
+  ReplayResult r = new_result(c, set);
+  Cache cache(CacheShape{u.s.layers, u.cache_heads, u.s.q_heads, u.s.head_dim, std::max(u.s.seq_len, min_capacity)});
+  Policy<Cache> policy(cache, cfg);
+  for (std::int64_t l = 0; l < u.s.layers; ++l) {
+    append_tokens(cache, l, u.in, u.head_map, 0, u.s.seq_len);
+    make_obs(cache, l, [&](const Obs<Cache>& obs) { policy.on_prefill(cache, l, obs); });
+  }
+  record_final(c, cache, r, false);
+  return r;
+}
+
 }  // namespace impl
 
 // ------------------------------------------------------------------------------------ the sets
@@ -396,8 +452,7 @@ ReplayResult replay_streaming_llm(const GoldenCase& c) {
   if (s.groups != 1) unsupported(c, "GQA input (StartRecentKVCache cases hold one head per kv-head)");
   const std::string mode = get_string(c, "mode", "");
   const bool keys_seq_last = k_seq_dim == 3;
-  const KVInputs in = load_kv(c, s, keys_seq_last);
-  const auto head_map = cache_head_map(c, s, false);
+  const ClusterSetup u = own_heads_setup(c, s, keys_seq_last);
 
   const std::int64_t capacity = std::max(s.seq_len, ns + nr + 1);
   Cache cache(CacheShape{s.layers, s.kv_heads, s.kv_heads, s.head_dim, capacity});
@@ -413,7 +468,7 @@ ReplayResult replay_streaming_llm(const GoldenCase& c) {
       coming = *n;
     }
     for (std::int64_t l = 0; l < s.layers; ++l) {
-      append_tokens(cache, l, in, head_map, 0, s.seq_len);
+      append_tokens(cache, l, u.in, u.head_map, 0, s.seq_len);
       if (mode == "call") policy.on_prefill(cache, l, none);
       else policy.make_room(cache, l, coming);
     }
@@ -422,21 +477,20 @@ ReplayResult replay_streaming_llm(const GoldenCase& c) {
     if (s0 <= 0 || t_steps < 0 || s0 + t_steps != s.seq_len) io_fail(c, "decode needs S0 > 0, T >= 0 and S0 + T == seq_len");
     r.step_keep.resize(static_cast<std::size_t>(t_steps + 1));
     for (std::int64_t l = 0; l < s.layers; ++l) {
-      append_tokens(cache, l, in, head_map, 0, s0);
+      append_tokens(cache, l, u.in, u.head_map, 0, s0);
       policy.on_prefill(cache, l, none);
       r.step_keep[0].push_back(kept_positions(cache, l));
     }
     for (std::int64_t t = 1; t <= t_steps; ++t)
       for (std::int64_t l = 0; l < s.layers; ++l) {
-        append_tokens(cache, l, in, head_map, s0 + t - 1, 1);
+        append_tokens(cache, l, u.in, u.head_map, s0 + t - 1, 1);
         policy.on_decode(cache, l, none);
         r.step_keep[static_cast<std::size_t>(t)].push_back(kept_positions(cache, l));
       }
   } else {
     unsupported(c, "streaming_llm mode '" + mode + "' (call, evict_for_space and decode are supported)");
   }
-  record_keep(cache, r);
-  record_kv(c, cache, r, keys_seq_last);
+  record_final(c, cache, r, keys_seq_last);
   return r;
 }
 
@@ -456,8 +510,7 @@ ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
   const std::int64_t s0 = get_int(c, "hyperparameters", "S0"), t_steps = get_int(c, "hyperparameters", "T");
   if (s0 <= 0 || t_steps < 0 || s0 + t_steps != s.seq_len) io_fail(c, "needs S0 > 0, T >= 0 and S0 + T == seq_len");
   const std::int64_t H = s.kv_heads;
-  const KVInputs in = load_kv(c, s, false);
-  const auto head_map = cache_head_map(c, s, false);
+  const ClusterSetup u = own_heads_setup(c, s, false);
   const auto lens = t_steps > 0 ? load_i64(c, "attn_decode_lens", {t_steps}) : std::vector<std::int64_t>{};
   const bool have_steps = case_has(c, "step_keep_indices");
   std::vector<std::int64_t> official_steps;
@@ -479,7 +532,7 @@ ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
 
   for (std::int64_t l = 0; l < s.layers; ++l) {
     const std::string ls = std::to_string(l);
-    append_tokens(cache, l, in, head_map, 0, s0);
+    append_tokens(cache, l, u.in, u.head_map, 0, s0);
     {
       // Prefill rows [head, S0, S0]: kvevict's slots are positions 0..S0-1 here, as officially.
       Uploaded<Cache> probs(cache, load_f32(c, "attn_prefill_l" + ls, {1, H, s0, s0}));
@@ -495,7 +548,7 @@ ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
     const auto rows = da.as<float>();
     for (std::int64_t t = 1; t <= t_steps; ++t) {
       const std::int64_t new_pos = s0 + t - 1, len = lens[static_cast<std::size_t>(t - 1)];
-      append_tokens(cache, l, in, head_map, new_pos, 1);
+      append_tokens(cache, l, u.in, u.head_map, new_pos, 1);
       if (len > max_len) io_fail(c, "attn_decode_lens exceeds the stored row width");
       std::vector<float> probs(static_cast<std::size_t>(H * len), 0.0f);
       for (std::int64_t h = 0; h < H; ++h) {
@@ -533,8 +586,7 @@ ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
       r.step_keep[static_cast<std::size_t>(t)].push_back(kept_positions(cache, l));
     }
   }
-  record_keep(cache, r);
-  record_kv(c, cache, r, false);
+  record_final(c, cache, r, false);
 
   // out_hh_score_l{l}: accumulated per-head scores [heads, n] in positional order (the official state).
   for (std::int64_t l = 0; l < s.layers; ++l) {
@@ -553,77 +605,27 @@ ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
   return r;
 }
 
-namespace impl {
-
-// The KVCache-Factory clusters share their inputs: K/V unrepeated, granularity, head_map.
-struct ClusterSetup {
-  Shapes s;
-  bool query_head = true;
-  std::vector<std::int64_t> head_map;  // cache kv-head -> input kv-head
-  KVInputs in;
-  std::int64_t cache_heads = 0;
-};
-inline ClusterSetup cluster_setup(const GoldenCase& c) {
-  ClusterSetup u;
-  u.s = read_shapes(c);
-  u.query_head = query_head_granularity(c);
-  u.head_map = cache_head_map(c, u.s, u.query_head);
-  u.cache_heads = static_cast<std::int64_t>(u.head_map.size());
-  if (const auto oh = opt_int(c, "shapes", "out_heads"); oh && *oh != u.cache_heads)
-    io_fail(c, "shapes.out_heads disagrees with the granularity");
-  u.in = load_kv(c, u.s, false);
-  return u;
-}
-
-// One prefill-only policy run over every layer, with an observation built per layer.
-template <class Cache, class Policy, class MakeObs>
-void run_prefill(Cache& cache, Policy& policy, const ClusterSetup& u, MakeObs&& make_obs) {
-  for (std::int64_t l = 0; l < u.s.layers; ++l) {
-    append_tokens(cache, l, u.in, u.head_map, 0, u.s.seq_len);
-    make_obs(l, [&](const Obs<Cache>& obs) { policy.on_prefill(cache, l, obs); });
-  }
-}
-
-}  // namespace impl
-
 // KVCache-Factory StreamingLLMKVCluster (README §6.3): keeps [0, C - w) and the last w when S >= C.
 // Query-head granularity = one cache kv-head per query head (K/V repeated, decision 3).
 template <class Cache>
 ReplayResult replay_kvfactory_streamingllm(const GoldenCase& c) {
   using namespace impl;
-  ReplayResult r = new_result(c, "kvfactory_streamingllm");
   const ClusterSetup u = cluster_setup(c);
   const std::int64_t w = get_int(c, "hyperparameters", "window_size"), cap = get_int(c, "hyperparameters", "max_capacity_prompt");
-  const auto cfg = StreamingLLMConfig::kvcache_factory(cap, w);
-  Cache cache(CacheShape{u.s.layers, u.cache_heads, u.query_head ? u.cache_heads : u.s.q_heads, u.s.head_dim,
-                         std::max(u.s.seq_len, cap)});
-  StreamingLLM<Cache> policy(cache, cfg);
-  run_prefill(cache, policy, u, [](std::int64_t, auto&& call) { call(Obs<Cache>::none()); });
-  record_keep(cache, r);
-  record_kv(c, cache, r, false);
-  return r;
+  return replay_prefill_only<StreamingLLM, Cache>(c, "kvfactory_streamingllm", u, cap,
+                                                  StreamingLLMConfig::kvcache_factory(cap, w),
+                                                  [](Cache&, std::int64_t, auto&& call) { call(Obs<Cache>::none()); });
 }
 
 // kvpress StreamingLLMPress: n_kept = int(S (1 - compression_ratio)); n_sink sinks plus the newest.
 template <class Cache>
 ReplayResult replay_kvpress_streamingllm(const GoldenCase& c) {
   using namespace impl;
-  ReplayResult r = new_result(c, "kvpress_streamingllm");
-  const Shapes s = read_shapes(c);
-  const auto head_map = cache_head_map(c, s, false);
-  const KVInputs in = load_kv(c, s, false);
-  const auto cfg = StreamingLLMConfig::kvpress(s.seq_len, get_double(c, "hyperparameters", "compression_ratio"),
+  const ClusterSetup u = own_heads_setup(c, read_shapes(c), false);
+  const auto cfg = StreamingLLMConfig::kvpress(u.s.seq_len, get_double(c, "hyperparameters", "compression_ratio"),
                                                get_int(c, "hyperparameters", "n_sink"));
-  Cache cache(CacheShape{s.layers, s.kv_heads, s.q_heads, s.head_dim,
-                         std::max(s.seq_len, cfg.num_sink + cfg.num_recent)});
-  StreamingLLM<Cache> policy(cache, cfg);
-  for (std::int64_t l = 0; l < s.layers; ++l) {
-    append_tokens(cache, l, in, head_map, 0, s.seq_len);
-    policy.on_prefill(cache, l, Obs<Cache>::none());
-  }
-  record_keep(cache, r);
-  record_kv(c, cache, r, false);
-  return r;
+  return replay_prefill_only<StreamingLLM, Cache>(c, "kvpress_streamingllm", u, cfg.num_sink + cfg.num_recent, cfg,
+                                                  [](Cache&, std::int64_t, auto&& call) { call(Obs<Cache>::none()); });
 }
 
 // KVCache-Factory H2OKVCluster at HEAD (README §6.3): column sums of the full causal attention of
@@ -632,19 +634,13 @@ ReplayResult replay_kvpress_streamingllm(const GoldenCase& c) {
 template <class Cache>
 ReplayResult replay_kvfactory_h2o(const GoldenCase& c) {
   using namespace impl;
-  ReplayResult r = new_result(c, "kvfactory_h2o");
   const ClusterSetup u = cluster_setup(c);
   const std::int64_t w = get_int(c, "hyperparameters", "window_size"), cap = get_int(c, "hyperparameters", "max_capacity_prompt");
   const auto cfg = H2OConfig::kvcache_factory(cap, w, u.query_head ? GroupAgg::mean : group_agg(c));
-  Cache cache(CacheShape{u.s.layers, u.cache_heads, u.s.q_heads, u.s.head_dim, std::max(u.s.seq_len, cap)});
-  H2O<Cache> policy(cache, cfg);
-  run_prefill(cache, policy, u, [&](std::int64_t l, auto&& call) {
+  return replay_prefill_only<H2O, Cache>(c, "kvfactory_h2o", u, cap, cfg, [&](Cache& cache, std::int64_t l, auto&& call) {
     Uploaded<Cache> q(cache, load_layer_queries(c, u.s, l));
     call(Obs<Cache>::from_queries(q.span(), u.s.seq_len));
   });
-  record_keep(cache, r);
-  record_kv(c, cache, r, false);
-  return r;
 }
 
 // COMPATIBILITY REPLAY. KVCache-Factory H2OKVCluster at 7ee6be0 (2024-12-03, the revision behind the
@@ -655,17 +651,14 @@ ReplayResult replay_kvfactory_h2o(const GoldenCase& c) {
 template <class Cache>
 ReplayResult replay_kvfactory_h2o_legacy2024(const GoldenCase& c) {
   using namespace impl;
-  ReplayResult r = new_result(c, "kvfactory_h2o_legacy2024");
   const ClusterSetup u = cluster_setup(c);
   if (!u.query_head) unsupported(c, "kv_head granularity (the 2024 revision has no kv_head path)");
   const std::int64_t w = get_int(c, "hyperparameters", "window_size"), cap = get_int(c, "hyperparameters", "max_capacity_prompt");
   const std::int64_t S = u.s.seq_len, D = u.s.head_dim, Hq = u.s.q_heads;
   if (w <= 0 || w > S) io_fail(c, "window_size must be in [1, seq_len]");
   const auto cfg = H2OConfig::kvcache_factory(cap, w);
-  Cache cache(CacheShape{u.s.layers, u.cache_heads, Hq, D, std::max(S, cap)});
-  H2O<Cache> policy(cache, cfg);
   const float sqrt_d = std::sqrt(static_cast<float>(D));
-  run_prefill(cache, policy, u, [&](std::int64_t l, auto&& call) {
+  const auto probabilities = [&](Cache& cache, std::int64_t l, auto&& call) {
     const auto q = load_layer_queries(c, u.s, l);
     std::vector<float> probs(static_cast<std::size_t>(Hq * S * S));  // [q_head, query, slot = position]
     std::vector<float> logits(static_cast<std::size_t>(S));
@@ -691,10 +684,8 @@ ReplayResult replay_kvfactory_h2o_legacy2024(const GoldenCase& c) {
     }
     Uploaded<Cache> p(cache, probs);
     call(Obs<Cache>::from_probs(p.span(), S, S));
-  });
-  record_keep(cache, r);
-  record_kv(c, cache, r, false);
-  return r;
+  };
+  return replay_prefill_only<H2O, Cache>(c, "kvfactory_h2o_legacy2024", u, cap, cfg, probabilities);
 }
 
 // ------------------------------------------------------------------------------ dispatch table
