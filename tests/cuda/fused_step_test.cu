@@ -215,6 +215,48 @@ TEST_CASE("H2O on CUDA takes the fused decode step: a NaN step throws and change
   }
 }
 
+TEST_CASE("KVCache::apply(DecodeEviction) rejects missing sums, a short stride, an empty head and host probabilities, changing nothing",
+          "[cuda][contract][fused]") {
+  if (!device_available()) return;
+  using GpuCache = KVCache<CudaBackend>;
+  const CacheShape shape{1, 2, 4, 16, 40};
+  GpuCache cache(shape);
+  Rng rng(21);
+  const std::int64_t n = shape.num_kv_heads * 20 * shape.head_dim;
+  const auto k = to_device(random_floats(rng, n));
+  cache.append(0, CudaSpan<const float>{k.data(), n}, CudaSpan<const float>{k.data(), n}, 20);
+  const auto probs = to_device(random_floats(rng, shape.num_q_heads * shape.capacity, 0.0f, 0.05f));
+  auto scores = to_device(std::vector<float>(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 0.0f));
+  const std::vector<std::int64_t> fresh(static_cast<std::size_t>(shape.num_kv_heads), 0);
+  DecodeEviction good;
+  good.probs = probs.data();
+  good.probs_stride = shape.capacity;
+  good.q_scores = scores.data();
+  good.fresh_from = fresh.data();
+  const std::uint64_t before = cache.state_hash();
+
+  DecodeEviction no_scores = good;
+  no_scores.q_scores = nullptr;
+  REQUIRE_THROWS_AS(cache.apply(0, no_scores), ArgumentError);
+  DecodeEviction short_stride = good;
+  short_stride.probs_stride = 19;  // the heads hold 20 entries
+  REQUIRE_THROWS_AS(cache.apply(0, short_stride), ShapeError);
+  const std::vector<float> host_probs(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 0.01f);
+  DecodeEviction host = good;
+  host.probs = host_probs.data();
+  REQUIRE_THROWS_AS(cache.apply(0, host), DeviceError);
+  REQUIRE(cache.state_hash() == before);
+  for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) REQUIRE(cache.len(0, h) == 20);
+  require_identical(to_host(scores), std::vector<float>(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 0.0f),
+                    "sums after the rejected calls");
+
+  cache.apply(0, good);  // the valid step goes through: one entry fewer per head
+  for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) REQUIRE(cache.len(0, h) == 19);
+
+  GpuCache empty(shape);  // nothing appended: no entry to evict
+  REQUIRE_THROWS_AS(empty.apply(0, DecodeEviction{}), EmptyCacheError);
+}
+
 TEST_CASE("compact on CUDA stays exact when work items wait on each other, over repeated calls on one backend",
           "[cuda][parity][move]") {
   if (!device_available()) return;
