@@ -46,13 +46,7 @@ void BM_CudaCompact(benchmark::State& state) {
   v.num_q_heads = kQHeads;
   v.head_dim = d;
   v.capacity = t;
-  EventTimer timer(backend.stream());
-  backend.compact(v, d_keep.data(), keep_count.data(), {});  // warm-up
-  for (auto _ : state) {
-    timer.start();
-    backend.compact(v, d_keep.data(), keep_count.data(), {});
-    state.SetIterationTime(timer.stop_seconds());
-  }
+  time_loop(state, backend.stream(), [&] { backend.compact(v, d_keep.data(), keep_count.data(), {}); });
   state.SetBytesProcessed(state.iterations() * kept_bytes(t, d));
 }
 
@@ -62,15 +56,10 @@ void BM_CudaMemcpyD2D(benchmark::State& state) {
   const std::int64_t bytes = kept_bytes(t, d);
   cuda::DeviceBuffer<std::uint8_t> src(bytes), dst(bytes);
   const cudaStream_t stream = nullptr;
-  EventTimer timer(stream);
-  cuda::check(cudaMemcpyAsync(dst.data(), src.data(), static_cast<std::size_t>(bytes), cudaMemcpyDeviceToDevice, stream),
-              "BM_CudaMemcpyD2D", "cudaMemcpyAsync");
-  for (auto _ : state) {
-    timer.start();
+  time_loop(state, stream, [&] {
     cuda::check(cudaMemcpyAsync(dst.data(), src.data(), static_cast<std::size_t>(bytes), cudaMemcpyDeviceToDevice, stream),
                 "BM_CudaMemcpyD2D", "cudaMemcpyAsync");
-    state.SetIterationTime(timer.stop_seconds());
-  }
+  });
   state.SetBytesProcessed(state.iterations() * bytes);
 }
 

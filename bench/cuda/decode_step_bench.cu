@@ -55,13 +55,7 @@ struct DecodeFixture {
 void BM_CudaAttentionStep(benchmark::State& state) {
   if (!start(state, "bandwidth-bound (baseline)")) return;
   DecodeFixture f(state.range(0), state.range(1));
-  EventTimer timer(f.cache.backend().stream());
-  f.attend();  // warm-up
-  for (auto _ : state) {
-    timer.start();
-    f.attend();
-    state.SetIterationTime(timer.stop_seconds());
-  }
+  time_loop(state, f.cache.backend().stream(), [&] { f.attend(); });
   f.counters(state);
 }
 
@@ -70,14 +64,8 @@ void BM_CudaStepAppend(benchmark::State& state) {
   DecodeFixture f(state.range(0), state.range(1));
   // The layer as the backend sees it, lengths frozen at T: every append writes slot T again.
   auto view = f.cache.view(0);
-  EventTimer timer(f.cache.backend().stream());
-  auto append = [&] { f.cache.backend().append(view, f.token_k.data(), f.token_v.data(), 1, f.t); };
-  append();  // warm-up
-  for (auto _ : state) {
-    timer.start();
-    append();
-    state.SetIterationTime(timer.stop_seconds());
-  }
+  time_loop(state, f.cache.backend().stream(),
+            [&] { f.cache.backend().append(view, f.token_k.data(), f.token_v.data(), 1, f.t); });
   f.counters(state);
 }
 
@@ -85,18 +73,11 @@ void BM_CudaStepH2O(benchmark::State& state) {
   if (!start(state, "bandwidth-bound")) return;
   DecodeFixture f(state.range(0), state.range(1));
   H2O<Cache> policy(f.cache, H2OConfig{f.t / 2, f.t - f.t / 2});  // budget T: one eviction per step
-  EventTimer timer(f.cache.backend().stream());
-  auto step = [&] {
+  time_loop(state, f.cache.backend().stream(), [&] {
     f.append_token();
     f.attend();
     policy.on_decode(f.cache, 0, f.probs_observation());
-  };
-  step();  // warm-up
-  for (auto _ : state) {
-    timer.start();
-    step();
-    state.SetIterationTime(timer.stop_seconds());
-  }
+  });
   f.counters(state);
 }
 
@@ -104,18 +85,11 @@ void BM_CudaStepStreamingLLM(benchmark::State& state) {
   if (!start(state, "bandwidth-bound")) return;
   DecodeFixture f(state.range(0), state.range(1));
   StreamingLLM<Cache> policy(f.cache, StreamingLLMConfig{4, f.t - 4});  // budget T
-  EventTimer timer(f.cache.backend().stream());
-  auto step = [&] {
+  time_loop(state, f.cache.backend().stream(), [&] {
     f.append_token();
     f.attend();
     policy.on_decode(f.cache, 0, Observation<float, CudaSpace>::none());
-  };
-  step();  // warm-up
-  for (auto _ : state) {
-    timer.start();
-    step();
-    state.SetIterationTime(timer.stop_seconds());
-  }
+  });
   f.counters(state);
 }
 
