@@ -238,16 +238,7 @@ __global__ void __launch_bounds__(kThreads) decode_evict_kernel(DecodeEvictParam
     const std::int64_t src = p.layer.lens.v[h] - 1;
     const std::int64_t dst = __ldcg(p.victims + h);
     if (dst < 0 || dst >= src) continue;  // the newest entry is the victim: nothing moves
-    for (int a = 0; a < p.num_arrays; ++a) {
-      const SlotArray arr = p.arrays[a];
-      const int words = arr.rows * arr.width;
-      for (int t = static_cast<int>(threadIdx.x); t < words; t += kThreads) {
-        const int r = t / arr.width;
-        const int w = t - r * arr.width;
-        std::uint32_t* row = arr.base + (h * arr.rows + r) * arr.row_stride + w;
-        row[dst * arr.slot_stride] = __ldcg(row + src * arr.slot_stride);  // scores came from phase 2
-      }
-    }
+    move_slot(p.arrays, p.num_arrays, h, src, dst);  // the sums came from phase 2
   }
 }
 

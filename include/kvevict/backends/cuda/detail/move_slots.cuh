@@ -219,6 +219,23 @@ inline void launch_compact(const MoveParams& p, std::int64_t items, cudaStream_t
   check_launch("CudaBackend::compact", "compact_kernel");
 }
 
+// Every word of slot src of kv-head h moves to slot dst, in each of the arrays; the block's
+// threads share the words. Loads bypass L1 (__ldcg): the evict_one kernel moves words that
+// other blocks wrote before its grid barrier.
+__device__ inline void move_slot(const SlotArray* arrays, int num_arrays, std::int64_t h, std::int64_t src,
+                                 std::int64_t dst) {
+  for (int a = 0; a < num_arrays; ++a) {
+    const SlotArray arr = arrays[a];
+    const int words = arr.rows * arr.width;
+    for (int t = static_cast<int>(threadIdx.x); t < words; t += static_cast<int>(blockDim.x)) {
+      const int r = t / arr.width;
+      const int w = t - r * arr.width;
+      std::uint32_t* row = arr.base + (h * arr.rows + r) * arr.row_stride + w;
+      row[dst * arr.slot_stride] = __ldcg(row + src * arr.slot_stride);
+    }
+  }
+}
+
 // Slot lens[h]-1 moves into victims[h]. A victim outside [0, lens[h]) moves nothing (the host
 // validated the plan before launching; this guard only keeps a bad plan from writing out of
 // bounds).
@@ -229,16 +246,7 @@ __global__ void __launch_bounds__(kThreads) replace_with_last_kernel(MoveParams 
   const std::int64_t dst = p.victims[h];
   const std::int64_t src = n - 1;
   if (dst < 0 || dst >= n || dst == src) return;
-  for (int a = 0; a < p.num_arrays; ++a) {
-    const SlotArray arr = p.arrays[a];
-    const int words = arr.rows * arr.width;
-    for (int t = threadIdx.x; t < words; t += blockDim.x) {
-      const int r = t / arr.width;
-      const int w = t - r * arr.width;
-      std::uint32_t* row = arr.base + (h * arr.rows + r) * arr.row_stride + w;
-      row[dst * arr.slot_stride] = row[src * arr.slot_stride];
-    }
-  }
+  move_slot(p.arrays, p.num_arrays, h, src, dst);
 }
 
 inline void launch_replace_with_last(const MoveParams& p, cudaStream_t stream) {
