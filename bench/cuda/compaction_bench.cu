@@ -23,29 +23,13 @@ void BM_CudaCompact(benchmark::State& state) {
   const CacheShape shape{1, kKvHeads, kQHeads, d, t};
   CudaBackend backend;
   backend.reserve(shape);
-  auto keys = random_device(kKvHeads * t * d, 1);
-  auto values = random_device(kKvHeads * t * d, 2);
-  std::vector<std::int32_t> pos(static_cast<std::size_t>(kKvHeads * t)), keep(static_cast<std::size_t>(kKvHeads * t), 0);
+  BenchLayer layer(t, d, 1);  // T live entries per head; its lens stay T, so every iteration repeats the same moves
+  std::vector<std::int32_t> keep(static_cast<std::size_t>(kKvHeads * t), 0);
   for (std::int64_t h = 0; h < kKvHeads; ++h)
-    for (std::int64_t i = 0; i < t; ++i) {
-      pos[static_cast<std::size_t>(h * t + i)] = static_cast<std::int32_t>(i);
-      if (i < t / 2) keep[static_cast<std::size_t>(h * t + i)] = static_cast<std::int32_t>(2 * i);
-    }
-  auto d_pos = to_device(pos);
+    for (std::int64_t i = 0; i < t / 2; ++i) keep[static_cast<std::size_t>(h * t + i)] = static_cast<std::int32_t>(2 * i);
   auto d_keep = to_device(keep);
-  // The view keeps saying "T live entries", so every iteration repeats the same moves.
-  const std::vector<std::int64_t> lens(kKvHeads, t), keep_count(kKvHeads, t / 2);
-  LayerView<float> v;
-  v.keys = keys.data();
-  v.values = values.data();
-  v.head_stride = t * d;
-  v.slot_stride = d;
-  v.positions = d_pos.data();
-  v.lens = lens.data();
-  v.num_kv_heads = kKvHeads;
-  v.num_q_heads = kQHeads;
-  v.head_dim = d;
-  v.capacity = t;
+  const std::vector<std::int64_t> keep_count(kKvHeads, t / 2);
+  const LayerView<float>& v = layer.view;
   time_loop(state, backend.stream(), [&] { backend.compact(v, d_keep.data(), keep_count.data(), {}); });
   state.SetBytesProcessed(state.iterations() * kept_bytes(t, d));
 }

@@ -115,4 +115,38 @@ cuda::DeviceBuffer<T> to_device(const std::vector<T>& host) {
 constexpr std::int64_t kKvHeads = 8;
 constexpr std::int64_t kQHeads = 32;
 
+// One layer: K and V [kv_head, slot, head_dim] contiguous (head_stride T * d, slot_stride d), T
+// live entries per kv-head at positions 0 .. T-1. The view points into the members, so a BenchLayer
+// stays where it was built.
+struct BenchLayer {
+  BenchLayer(std::int64_t t, std::int64_t d, std::uint64_t seed)
+      : keys(random_device(kKvHeads * t * d, seed)), values(random_device(kKvHeads * t * d, seed + 1)),
+        positions(to_device(iota_positions(t))), lens(static_cast<std::size_t>(kKvHeads), t) {
+    view.keys = keys.data();
+    view.values = values.data();
+    view.head_stride = t * d;
+    view.slot_stride = d;
+    view.positions = positions.data();
+    view.lens = lens.data();
+    view.num_kv_heads = kKvHeads;
+    view.num_q_heads = kQHeads;
+    view.head_dim = d;
+    view.capacity = t;
+  }
+  BenchLayer(const BenchLayer&) = delete;
+  BenchLayer& operator=(const BenchLayer&) = delete;
+
+  static std::vector<std::int32_t> iota_positions(std::int64_t t) {
+    std::vector<std::int32_t> pos(static_cast<std::size_t>(kKvHeads * t));
+    for (std::int64_t h = 0; h < kKvHeads; ++h)
+      for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(h * t + i)] = static_cast<std::int32_t>(i);
+    return pos;
+  }
+
+  cuda::DeviceBuffer<float> keys, values;     // [kv_head, slot, head_dim]
+  cuda::DeviceBuffer<std::int32_t> positions;  // [kv_head, capacity]
+  std::vector<std::int64_t> lens;              // host [kv_head], T each
+  LayerView<float> view;
+};
+
 }  // namespace kvevict::cuda_bench

@@ -44,40 +44,6 @@ constexpr std::int64_t kSmallHeadDim = 4;  // pooling and top-k read no keys: a 
 constexpr std::int64_t kFloat = static_cast<std::int64_t>(sizeof(float));
 constexpr std::int64_t kInt32 = static_cast<std::int64_t>(sizeof(std::int32_t));
 
-// One layer: K and V [kv_head, slot, head_dim] contiguous (head_stride T * d, slot_stride d), T
-// live entries per kv-head at positions 0 .. T-1. The view points into the members, so a Layer
-// stays where it was built.
-struct Layer {
-  Layer(std::int64_t t, std::int64_t d, std::uint64_t seed)
-      : keys(random_device(kKvHeads * t * d, seed)), values(random_device(kKvHeads * t * d, seed + 1)),
-        positions(to_device(iota_positions(t))), lens(static_cast<std::size_t>(kKvHeads), t) {
-    view.keys = keys.data();
-    view.values = values.data();
-    view.head_stride = t * d;
-    view.slot_stride = d;
-    view.positions = positions.data();
-    view.lens = lens.data();
-    view.num_kv_heads = kKvHeads;
-    view.num_q_heads = kQHeads;
-    view.head_dim = d;
-    view.capacity = t;
-  }
-  Layer(const Layer&) = delete;
-  Layer& operator=(const Layer&) = delete;
-
-  static std::vector<std::int32_t> iota_positions(std::int64_t t) {
-    std::vector<std::int32_t> pos(static_cast<std::size_t>(kKvHeads * t));
-    for (std::int64_t h = 0; h < kKvHeads; ++h)
-      for (std::int64_t i = 0; i < t; ++i) pos[static_cast<std::size_t>(h * t + i)] = static_cast<std::int32_t>(i);
-    return pos;
-  }
-
-  cuda::DeviceBuffer<float> keys, values;     // [kv_head, slot, head_dim]
-  cuda::DeviceBuffer<std::int32_t> positions;  // [kv_head, capacity]
-  std::vector<std::int64_t> lens;              // host [kv_head], T each
-  LayerView<float> view;
-};
-
 CacheShape one_layer(std::int64_t t, std::int64_t d) { return CacheShape{1, kKvHeads, kQHeads, d, t}; }
 
 void set_bytes(benchmark::State& state, std::int64_t bytes) {
@@ -163,7 +129,7 @@ void BM_CudaWindowScoring(benchmark::State& state) {
   const std::int64_t t = state.range(0), d = state.range(1);
   CudaBackend backend;
   backend.reserve(one_layer(t, d));
-  Layer layer(t, d, 13);
+  BenchLayer layer(t, d, 13);
   auto queries = random_device(kQHeads * kWindow * d, 31);  // [q_head, w, head_dim]
   cuda::DeviceBuffer<float> sums(kQHeads * t);              // [q_head, T]
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -203,7 +169,7 @@ void BM_CudaWindowGemm(benchmark::State& state) {
   if (!start(state, "compute-bound (baseline)")) return;
 #ifdef KVEVICT_BENCH_HAVE_CUBLAS
   const std::int64_t t = state.range(0), d = state.range(1);
-  Layer layer(t, d, 13);
+  BenchLayer layer(t, d, 13);
   auto queries = random_device(kQHeads * kWindow * d, 31);  // [q_head, w, head_dim]
   cuda::DeviceBuffer<float> logits(kQHeads * kWindow * t);  // [q_head, w, T] row-major
   const float alpha = 1.0f / std::sqrt(static_cast<float>(d)), beta = 0.0f;
@@ -234,7 +200,7 @@ void run_pool(benchmark::State& state, PoolKind kind) {
   const std::int64_t t = state.range(0), kernel = state.range(1);
   CudaBackend backend;
   backend.reserve(one_layer(t, kSmallHeadDim));
-  Layer layer(t, kSmallHeadDim, 17);
+  BenchLayer layer(t, kSmallHeadDim, 17);
   const std::int64_t floats = kKvHeads * kPoolRows * t;
   auto in = random_device(floats, 41);  // [kv_head * rows, T]
   cuda::DeviceBuffer<float> out(floats);
@@ -271,7 +237,7 @@ void BM_CudaSelectTopK(benchmark::State& state) {
   const std::int64_t t = state.range(0);
   CudaBackend backend;
   backend.reserve(one_layer(t, kSmallHeadDim));
-  Layer layer(t, kSmallHeadDim, 19);
+  BenchLayer layer(t, kSmallHeadDim, 19);
   auto scores = random_device(kKvHeads * t, 43);             // [kv_head, T]
   cuda::DeviceBuffer<std::int32_t> keep_slots(kKvHeads * t);  // [kv_head, T]
   const std::vector<std::int64_t> keep(static_cast<std::size_t>(kKvHeads), t / 2);
@@ -324,7 +290,7 @@ struct CompactSetup {
 
   std::int64_t t;
   CudaBackend backend;
-  Layer layer;
+  BenchLayer layer;
   std::vector<std::int64_t> counts;         // host [kv_head]: keep counts, different per head
   std::vector<std::int64_t> moved;          // host [kv_head]: kept rows whose slot changes
   cuda::DeviceBuffer<std::int32_t> keep_slots;  // [kv_head, T], ascending per head
