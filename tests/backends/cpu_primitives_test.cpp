@@ -323,11 +323,15 @@ TEST_CASE("select_victims picks the unprotected entry with the lowest score, tie
   for (std::uint64_t seed = 1; seed <= 300; ++seed) {
     INFO("seed " << seed);
     Rng rng(seed);
-    TestLayer t = random_layer(rng);
+    // Every third seed a longer head, past the blockwise search's 32-slot blocks.
+    TestLayer t = seed % 3 == 0 ? TestLayer(rng, 2, 4, 2, rng.uniform_int(60, 400)) : random_layer(rng);
     CpuBackend b = t.backend();
-    // Coarse scores: ties are frequent.
+    // Coarse scores (ties are frequent), with signed zeros, infinities and NaNs of both signs.
+    const float specials[] = {-0.0f, 0.0f, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                              kNaN, -kNaN};
     std::vector<float> scores(static_cast<std::size_t>(t.num_kv_heads * t.capacity));
-    for (float& s : scores) s = static_cast<float>(rng.uniform_int(0, 3));
+    for (float& s : scores)
+      s = rng.coin(0.15) ? specials[rng.uniform_int(0, 5)] : static_cast<float>(rng.uniform_int(0, 3));
     ProtectRule rule{rng.uniform_int(0, 10), rng.coin(0.3) ? INT64_MAX : rng.uniform_int(0, 3 * t.capacity)};
     for (bool with_scores : {true, false}) {
       std::vector<std::int32_t> victims(static_cast<std::size_t>(t.num_kv_heads), -5);
@@ -521,4 +525,150 @@ TEST_CASE("all_finite rejects NaN, +Inf and -Inf anywhere and accepts finite ext
       y[at] = bad;
       REQUIRE_FALSE(b.all_finite(y.data(), static_cast<std::int64_t>(y.size())));
     }
+}
+
+namespace {
+
+// The reference of evict_one: the five primitives it fuses, one after another.
+void step_by_step(CpuBackend& b, TestLayer& t, const DecodeEviction& step, std::span<const SlotExtra> extras) {
+  std::vector<float> kv(static_cast<std::size_t>(t.num_kv_heads * t.capacity), 0.0f);
+  std::vector<std::int32_t> victims(static_cast<std::size_t>(t.num_kv_heads), -1);
+  const float* kv_scores = nullptr;
+  if (step.probs != nullptr) {
+    REQUIRE(b.all_finite(step.probs, t.num_q_heads * step.probs_stride));
+    b.accumulate_column_sums(t.view(), step.probs, 1, step.probs_stride, step.q_scores, step.fresh_from);
+    b.group_reduce(t.view(), step.q_scores, kv.data(), step.agg);
+    kv_scores = kv.data();
+  }
+  b.select_victims(t.view(), kv_scores, step.rule, victims.data());
+  b.replace_with_last(t.view(), victims.data(), extras);
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// NaN sums compare as "both NaN": the payload an addition returns is not specified.
+bool same_or_both_nan(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (!(std::isnan(a[i]) && std::isnan(b[i])) && std::memcmp(&a[i], &b[i], sizeof(float)) != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("evict_one is bit-identical to all_finite + accumulate_column_sums + group_reduce + select_victims + "
+          "replace_with_last, for every aggregation, NaN sums, recency and protect rules",
+          "[backends][cpu][fused]") {
+  int compared = 0;
+  for (std::uint64_t seed = 1; seed <= 400; ++seed) {
+    INFO("seed " << seed);
+    Rng rng(seed);
+    const std::int64_t kv = rng.uniform_int(1, 3);
+    const std::int64_t cap = rng.coin(0.3) ? rng.uniform_int(100, 700) : rng.uniform_int(1, 40);
+    TestLayer t(rng, kv, kv * rng.pick<std::int64_t>({1, 2, 4, 8}), rng.pick<std::int64_t>({1, 3, 8, 16}), cap, false);
+    const std::int64_t stride = cap + rng.uniform_int(0, 3);
+    const GroupAgg agg = rng.pick({GroupAgg::mean, GroupAgg::max, GroupAgg::sum});
+    const int mode = static_cast<int>(rng.uniform_int(0, 2));  // 0: scores, 1: with NaN sums, 2: recency
+    const ProtectRule rule = rng.coin(0.5) ? ProtectRule{}
+                                           : ProtectRule{rng.uniform_int(0, 6), rng.uniform_int(cap, 3 * cap)};
+    std::vector<float> probs(static_cast<std::size_t>(t.num_q_heads * stride));
+    for (float& p : probs) p = rng.coin(0.1) ? 0.0f : rng.uniform_float(0.0f, 1.0f);
+    std::vector<float> sums = random_floats(rng, t.num_q_heads * cap, 4.0f);
+    if (mode == 1)
+      for (std::size_t i = 0; i < sums.size(); i += 5) sums[i] = kNaN;
+    std::vector<std::int64_t> fresh;
+    for (std::int64_t h = 0; h < kv; ++h) fresh.push_back(rng.uniform_int(-2, cap + 2));
+    std::vector<float> extra = random_floats(rng, 2 * kv * cap, 1.0f);
+
+    TestLayer want = t;
+    std::vector<float> want_sums = sums, want_extra = extra;
+    auto step_for = [&](std::vector<float>& s) {
+      DecodeEviction step;
+      if (mode != 2) {
+        step.probs = probs.data();
+        step.probs_stride = stride;
+        step.q_scores = s.data();
+        step.fresh_from = fresh.data();
+      }
+      step.agg = agg;
+      step.rule = rule;
+      return step;
+    };
+    bool any_unprotected_everywhere = true;
+    for (std::int64_t h = 0; h < kv; ++h) {
+      bool found = false;
+      for (std::int64_t j = 0; j < t.len(h); ++j) found |= !rule.protects(t.pos(h, j));
+      any_unprotected_everywhere &= found;
+    }
+    CpuBackend b = t.backend();
+    const std::int64_t g = t.group();
+    const std::vector<SlotExtra> extras{{sums.data(), g}, {extra.data(), 2}};
+    if (!any_unprotected_everywhere) {
+      test::require_throws_exactly<InvariantError>([&] { b.evict_one(t.view(), step_for(sums), extras); }, "kv_head");
+      REQUIRE(std::memcmp(t.keys.data(), want.keys.data(), t.keys.size() * sizeof(float)) == 0);
+      REQUIRE(t.positions == want.positions);
+      REQUIRE(same_bits(sums, want_sums));
+      continue;
+    }
+    CpuBackend ref_backend = want.backend();
+    const std::vector<SlotExtra> want_extras{{want_sums.data(), g}, {want_extra.data(), 2}};
+    step_by_step(ref_backend, want, step_for(want_sums), want_extras);
+    b.evict_one(t.view(), step_for(sums), extras);
+    REQUIRE(std::memcmp(t.keys.data(), want.keys.data(), t.keys.size() * sizeof(float)) == 0);
+    REQUIRE(std::memcmp(t.values.data(), want.values.data(), t.values.size() * sizeof(float)) == 0);
+    REQUIRE(t.positions == want.positions);
+    REQUIRE(same_or_both_nan(sums, want_sums));
+    REQUIRE(same_bits(extra, want_extra));
+    ++compared;
+  }
+  REQUIRE(compared >= 250);
+}
+
+TEST_CASE("evict_one rejects non-finite probabilities anywhere in [q_head, stride], missing sums and an all-protected "
+          "head, changing nothing",
+          "[backends][cpu][fused][contract]") {
+  Rng rng(31);
+  TestLayer t(rng, 2, 8, 8, 50, false);
+  const TestLayer before = t;
+  CpuBackend b = t.backend();
+  const std::int64_t stride = 53;
+  std::vector<float> probs(static_cast<std::size_t>(8 * stride), 0.01f);
+  std::vector<float> sums = random_floats(rng, 8 * 50, 1.0f);
+  const std::vector<float> sums_before = sums;
+  std::vector<std::int64_t> fresh{10, 60};
+  DecodeEviction step;
+  step.probs = probs.data();
+  step.probs_stride = stride;
+  step.q_scores = sums.data();
+  step.fresh_from = fresh.data();
+  const std::vector<SlotExtra> extras{{sums.data(), 4}};
+  auto unchanged = [&] {
+    REQUIRE(std::memcmp(t.keys.data(), before.keys.data(), t.keys.size() * sizeof(float)) == 0);
+    REQUIRE(t.positions == before.positions);
+    REQUIRE(same_bits(sums, sums_before));
+  };
+  for (const std::size_t at : {std::size_t{0}, std::size_t{3 * stride + 51}, probs.size() - 1})
+    for (const float bad : {kNaN, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()}) {
+      CAPTURE(at, bad);
+      probs[at] = bad;
+      test::require_throws_exactly<NonFiniteError>([&] { b.evict_one(t.view(), step, extras); }, "probs");
+      unchanged();
+      probs[at] = 0.01f;
+    }
+  DecodeEviction no_sums = step;
+  no_sums.q_scores = nullptr;
+  test::require_throws_exactly<ArgumentError>([&] { b.evict_one(t.view(), no_sums, extras); }, "step.q_scores");
+  DecodeEviction no_fresh = step;
+  no_fresh.fresh_from = nullptr;
+  test::require_throws_exactly<ArgumentError>([&] { b.evict_one(t.view(), no_fresh, extras); }, "step.fresh_from");
+  unchanged();
+  // Head 1's positions all protected (sinks cover everything below 3 * capacity).
+  DecodeEviction all_protected = step;
+  all_protected.rule = ProtectRule{3 * 50, INT64_MAX};
+  test::require_throws_exactly<InvariantError>([&] { b.evict_one(t.view(), all_protected, extras); }, "kv_head");
+  unchanged();
+  b.evict_one(t.view(), step, extras);  // the valid step goes through
+  REQUIRE_FALSE(same_bits(sums, sums_before));
 }

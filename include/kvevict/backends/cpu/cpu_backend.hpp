@@ -31,6 +31,11 @@ class CpuBackend {
   // Query rows per tile in the streaming column sums: the only T-sized scratch is
   // kQueryTile x capacity floats, never T x T.
   static constexpr std::int64_t kQueryTile = 64;
+#ifdef __FAST_MATH__
+  static constexpr bool kFastMath = true;
+#else
+  static constexpr bool kFastMath = false;
+#endif
 
   [[nodiscard]] const char* name() const noexcept { return "cpu"; }
 
@@ -52,9 +57,11 @@ class CpuBackend {
     const auto cap = static_cast<std::size_t>(shape.capacity);
     if (tile_.size() < static_cast<std::size_t>(kQueryTile) * cap) tile_.assign(static_cast<std::size_t>(kQueryTile) * cap, 0.0f);
     if (order_.size() < cap) order_.assign(cap, 0);
+    if (victims_.size() < static_cast<std::size_t>(shape.num_kv_heads)) victims_.assign(static_cast<std::size_t>(shape.num_kv_heads), -1);
     if (keep_mark_.size() < cap) keep_mark_.assign(cap, 0);
     const auto layer_entries = static_cast<std::size_t>(shape.num_kv_heads) * cap;
     if (layer_pool_.size() < layer_entries) layer_pool_.assign(layer_entries, PoolEntry{});
+    if (group_scores_.size() < layer_entries) group_scores_.assign(layer_entries, 0.0f);
     const auto half = static_cast<std::size_t>(shape.head_dim / 2 + 1);
     if (rope_cos_.size() < half) {
       rope_cos_.assign(half, 0.0);
@@ -62,16 +69,30 @@ class CpuBackend {
     }
   }
 
-  // A float is finite iff its exponent bits are not all ones. Tested on the bits so the loop
-  // vectorizes (std::isfinite compiles to a scalar compare chain; this runs on every decode step).
+  // x - x is exactly +-0 for a finite x in every rounding mode and NaN for NaN or +-Inf, so the
+  // sum of x - x over the array is 0 iff every element is finite. Eight independent float lanes
+  // let the loop vectorize without reassociating (plain SSE2): twice the speed of testing
+  // exponent bits, which matters as it runs on every decode step. Under -ffast-math x - x folds
+  // to 0, so that build tests the bits instead.
   [[nodiscard]] bool all_finite(const float* p, std::int64_t n) const noexcept {
-    std::uint32_t bad = 0;
-    for (std::int64_t i = 0; i < n; ++i) {
-      std::uint32_t bits;
-      std::memcpy(&bits, p + i, sizeof bits);
-      bad |= static_cast<std::uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+    if constexpr (kFastMath) {
+      std::uint32_t bad = 0;
+      for (std::int64_t i = 0; i < n; ++i) {
+        std::uint32_t bits;
+        std::memcpy(&bits, p + i, sizeof bits);
+        bad |= static_cast<std::uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+      }
+      return bad == 0;
+    } else {
+      float lanes[8] = {};
+      std::int64_t i = 0;
+      for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k) lanes[k] += p[i + k] - p[i + k];
+      float total = 0.0f;
+      for (; i < n; ++i) total += p[i] - p[i];
+      for (const float x : lanes) total += x;
+      return total == 0.0f;
     }
-    return bad == 0;
   }
 
   // Writes [kv_head, token, head_dim] source rows to slots lens[h] .. lens[h]+n-1.
@@ -197,16 +218,7 @@ class CpuBackend {
         victims[h] = lowest_scored_slot(scores + h * v.capacity, pos, n, rule);
         continue;
       }
-      std::int32_t best = -1;  // the oldest unprotected entry
-      for (std::int64_t j = 0; j < n; ++j) {
-        if (rule.protects(pos[j])) continue;
-        if (best < 0) {
-          best = static_cast<std::int32_t>(j);
-          continue;
-        }
-        if (pos[j] < pos[best]) best = static_cast<std::int32_t>(j);
-      }
-      victims[h] = best;
+      victims[h] = oldest_unprotected_slot(pos, n, rule);
     }
   }
 
@@ -221,6 +233,51 @@ class CpuBackend {
       const std::int64_t last = v.lens[h] - 1;
       const std::int64_t dst = victims[h];
       if (dst != last) move_slot(v, extras, h, last, dst);
+    }
+  }
+
+  // One decode step's scoring and eviction (DecodeEvictionBackend), validated as a whole before
+  // anything is written: NonFiniteError for a NaN/Inf anywhere in the step's [q_head,
+  // probs_stride] probabilities, InvariantError for a head whose entries are all protected;
+  // either leaves the cache and the scores unchanged. The same primitives as the step-by-step
+  // path (all_finite, accumulate_column_sums, group_reduce, select_victims, replace_with_last),
+  // without the policy's intermediate plan and its checks.
+  void evict_one(const LayerView<float>& v, const DecodeEviction& step, std::span<const SlotExtra> extras) {
+    constexpr const char* where = "CpuBackend::evict_one";
+    if (step.probs != nullptr) {
+      if (step.q_scores == nullptr || step.fresh_from == nullptr)
+        detail::fail<ArgumentError>(where, step.q_scores == nullptr ? "step.q_scores" : "step.fresh_from", "null",
+                                    "must be set with probs");
+      if (!all_finite(step.probs, v.num_q_heads * step.probs_stride))
+        detail::fail<NonFiniteError>(where, "probs", "NaN/Inf", "every probability must be finite");
+    }
+    if (step.probs == nullptr) {  // by recency: every victim is known before anything moves
+      if (victims_.size() < static_cast<std::size_t>(v.num_kv_heads)) victims_.assign(static_cast<std::size_t>(v.num_kv_heads), -1);
+      for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+        victims_[static_cast<std::size_t>(h)] = oldest_unprotected_slot(v.head_positions(h), v.lens[h], step.rule);
+        if (victims_[static_cast<std::size_t>(h)] < 0)
+          detail::fail<InvariantError>(where, "kv_head", h, "has no unprotected entry to evict");
+      }
+      for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+        const std::int64_t n = v.lens[h];
+        if (victims_[static_cast<std::size_t>(h)] != n - 1) move_slot(v, extras, h, n - 1, victims_[static_cast<std::size_t>(h)]);
+      }
+      return;
+    }
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {  // usually ends at the first non-sink slot
+      const std::int32_t* pos = v.head_positions(h);
+      std::int64_t j = 0;
+      while (j < v.lens[h] && step.rule.protects(pos[j])) ++j;
+      if (j == v.lens[h]) detail::fail<InvariantError>(where, "kv_head", h, "has no unprotected entry to evict");
+    }
+    const auto layer_slots = static_cast<std::size_t>(v.num_kv_heads * v.capacity);
+    if (group_scores_.size() < layer_slots) group_scores_.assign(layer_slots, 0.0f);  // reserve() sized it
+    accumulate_column_sums(v, step.probs, 1, step.probs_stride, step.q_scores, step.fresh_from);
+    group_reduce(v, step.q_scores, group_scores_.data(), step.agg);
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t n = v.lens[h];
+      const std::int32_t victim = lowest_scored_slot(group_scores_.data() + h * v.capacity, v.head_positions(h), n, step.rule);
+      if (victim != n - 1) move_slot(v, extras, h, n - 1, victim);
     }
   }
 
@@ -697,14 +754,6 @@ class CpuBackend {
     return -static_cast<std::int32_t>(p >= lo) & -static_cast<std::int32_t>(p <= hi);
   }
 
-  // Order-preserving integer key of a non-NaN float: x < y iff key(x) < key(y), and -0, +0 share
-  // key 0. NaNs get keys above +inf's (positive sign) or below -inf's (negative sign).
-  static constexpr std::int32_t score_key(float x) noexcept {
-    const auto i = std::bit_cast<std::int32_t>(x);
-    const std::int32_t zero = -static_cast<std::int32_t>((i & 0x7FFFFFFF) == 0);
-    return (i ^ ((i >> 31) & 0x7FFFFFFF)) & ~zero;
-  }
-
   // select_victims with scores, as a scan: best = the first unprotected slot, then move to j
   // whenever s[j] < s[best] or (s[j] == s[best] and pos[j] > pos[best]). It stays on a NaN first
   // candidate and never moves to a NaN.
@@ -721,31 +770,63 @@ class CpuBackend {
     return best;
   }
 
-  // The scan's result from two vectorized passes and a short search (the scan's branches are
-  // unpredictable once replacements have shuffled the slots): unless the first candidate is NaN,
-  // the victim is the first unprotected slot of least score key, then newest position, among the
-  // non-NaN ones. A negative NaN would have the least key: such heads take the scan.
+  // The scan's result without its branches (they are unpredictable once replacements have
+  // shuffled the slots). Unless the first candidate is NaN, the victim is the first unprotected
+  // slot holding the least non-NaN score, or, when several hold it, the newest of them. One
+  // vectorized min pass (minps skips NaN: x < m is false for a NaN x; -0 == +0 as in the scan),
+  // then a blockwise search for the first slot at the minimum and a check for a second one; only
+  // ties pay for the pass that finds the newest.
   static std::int32_t lowest_scored_slot(const float* s, const std::int32_t* pos, std::int64_t n, ProtectRule rule) {
+    constexpr float kInf = std::numeric_limits<float>::infinity();
     std::int32_t lo = 0, hi = 0;
     if (!unprotected_interval(rule, lo, hi)) return -1;
     std::int64_t j0 = 0;
     while (j0 < n && unprotected_mask(pos[j0], lo, hi) == 0) ++j0;
     if (j0 == n) return -1;
     if (std::isnan(s[j0])) return static_cast<std::int32_t>(j0);
-    std::int32_t min_key = INT32_MAX;  // ends at most key(s[j0]), a non-NaN key below INT32_MAX
-    for (std::int64_t j = j0; j < n; ++j) {
-      const std::int32_t m = unprotected_mask(pos[j], lo, hi);
-      min_key = std::min(min_key, (score_key(s[j]) & m) | (INT32_MAX & ~m));
+    float lanes[8] = {kInf, kInf, kInf, kInf, kInf, kInf, kInf, kInf};  // independent lanes vectorize
+    std::int64_t j = j0;
+    for (; j + 8 <= n; j += 8)
+      for (std::int64_t k = 0; k < 8; ++k) {
+        const float x = unprotected_mask(pos[j + k], lo, hi) != 0 ? s[j + k] : kInf;
+        lanes[k] = x < lanes[k] ? x : lanes[k];
+      }
+    float least = s[j0];
+    for (; j < n; ++j)
+      if (unprotected_mask(pos[j], lo, hi) != 0 && s[j] < least) least = s[j];
+    for (const float x : lanes) least = x < least ? x : least;
+    // All bits set where slot j is unprotected and holds the minimum (a mask, so loops vectorize).
+    const auto at_least = [&](std::int64_t j) {
+      return -static_cast<std::int32_t>(s[j] == least) & unprotected_mask(pos[j], lo, hi);
+    };
+    std::int64_t first = j0;
+    for (; first + 32 <= n; first += 32) {  // blocks without the minimum are skipped whole
+      std::int32_t hit = 0;
+      for (std::int64_t k = first; k < first + 32; ++k) hit |= at_least(k);
+      if (hit != 0) break;
     }
-    if (min_key < score_key(-std::numeric_limits<float>::infinity())) return lowest_scored_slot_scan(s, pos, n, rule);
+    while (at_least(first) == 0) ++first;
+    std::int32_t ties = 0;
+    for (j = first + 1; j < n; ++j) ties |= at_least(j);
+    if (ties == 0) return static_cast<std::int32_t>(first);
     std::int32_t newest = INT32_MIN;
-    for (std::int64_t j = j0; j < n; ++j) {
-      const std::int32_t m = unprotected_mask(pos[j], lo, hi) & -static_cast<std::int32_t>(score_key(s[j]) == min_key);
+    for (j = first; j < n; ++j) {
+      const std::int32_t m = at_least(j);
       newest = std::max(newest, (pos[j] & m) | (INT32_MIN & ~m));
     }
-    std::int64_t j = j0;
-    while (!(pos[j] == newest && score_key(s[j]) == min_key && unprotected_mask(pos[j], lo, hi) != 0)) ++j;
-    return static_cast<std::int32_t>(j);
+    while (pos[first] != newest || at_least(first) == 0) ++first;
+    return static_cast<std::int32_t>(first);
+  }
+
+  // The unprotected slot of least position (the first of equals), or -1. A plain scan: its
+  // branches follow the protect rule, which predicts well (StreamingLLM protects all but a few).
+  static std::int32_t oldest_unprotected_slot(const std::int32_t* pos, std::int64_t n, ProtectRule rule) {
+    std::int32_t best = -1;
+    for (std::int64_t j = 0; j < n; ++j) {
+      if (rule.protects(pos[j])) continue;
+      if (best < 0 || pos[j] < pos[best]) best = static_cast<std::int32_t>(j);
+    }
+    return best;
   }
 
   static void move_slot(const LayerView<float>& v, std::span<const SlotExtra> extras, std::int64_t h, std::int64_t src,
@@ -763,6 +844,8 @@ class CpuBackend {
 
   std::vector<float> tile_;            // [kQueryTile, capacity] logits of one query tile
   std::vector<std::int32_t> order_;    // [capacity] candidate slots for top-k
+  std::vector<float> group_scores_;    // [kv_head, capacity] evict_one's group scores
+  std::vector<std::int32_t> victims_;  // [kv_head] evict_one's victims by recency
   std::vector<std::uint8_t> keep_mark_;  // [capacity] kept flags
   std::vector<double> rope_cos_, rope_sin_;  // [head_dim / 2]
   std::vector<PoolEntry> layer_pool_;  // [kv_head * capacity] candidates of head_budgets
@@ -770,5 +853,6 @@ class CpuBackend {
 
 static_assert(Backend<CpuBackend>, "CpuBackend must satisfy the kvevict::Backend concept");
 static_assert(WindowScoringBackend<CpuBackend>, "CpuBackend must satisfy kvevict::WindowScoringBackend");
+static_assert(DecodeEvictionBackend<CpuBackend>, "CpuBackend must satisfy kvevict::DecodeEvictionBackend");
 
 }  // namespace kvevict

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <concepts>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -108,7 +109,7 @@ class TopKEvictionPolicy {
     check_call(where_decode_, cache, layer, obs, evicts_at_decode, !(fused && Scorer::needs_observation));
     auto& steps = decode_steps_[static_cast<std::size_t>(layer)];
     if (fused) {
-      if constexpr (DecodeEvictionBackend<typename Cache::backend_type>) {
+      if constexpr (fusing_scorer()) {
         DecodeEviction step = scorer_.decode_eviction(cache, layer, obs);
         step.rule = selector_.rule(cache.next_position(layer), 0);
         cache.apply(layer, step, scorer_.extras(layer));
@@ -162,11 +163,19 @@ class TopKEvictionPolicy {
       detail::fail_state<ShapeError>(name_ + "::" + hook,
                                      "the cache's shape differs from the one this policy was built for");
   }
+  // The backend fuses a decode step and the scorer can describe its step as a DecodeEviction.
+  static constexpr bool fusing_scorer() {
+    return DecodeEvictionBackend<typename Cache::backend_type> &&
+           requires(Scorer& s, Cache& c, const Obs& o) {
+             s.fuses_decode(o);
+             { s.decode_eviction(c, std::int64_t{0}, o) } -> std::same_as<DecodeEviction>;
+           };
+  }
   // True when this decode step may take the fused path: the backend has it, the scorer can hand
   // its accumulation over, no option needs the step-by-step path, the step's eviction is due and
   // removes exactly one entry from every head. False for a call the checks will reject.
   bool fuses_decode_step(const Cache& cache, std::int64_t layer, const Obs& obs) const {
-    if constexpr (DecodeEvictionBackend<typename Cache::backend_type> && requires { scorer_.fuses_decode(obs); }) {
+    if constexpr (fusing_scorer()) {
       if constexpr (requires { Scorer::needs_position_order; })
         if (Scorer::needs_position_order) return false;
       if (pos_shift_ || options_.pad_protected_scores || options_.head_allocation.adaptive) return false;
