@@ -8,10 +8,11 @@
 // waits until the earlier items that may read its destination slots have published too, then
 // writes. Those items are this one or earlier ones: keep slots ascend with keep[j] >= j, so
 // output slot i (written only by its own item) is the source of an output j <= i. A warp finds
-// the first output whose source lies at or past the item's first destination slot (a search of
-// keep), and the item waits for every item from that one on. Reads never wait, so a wait lasts
-// at most one staging latency, and waits point only to earlier tickets (blocks already resident
-// or finished), so they cannot deadlock.
+// the outputs whose sources lie in the item's destination slots (two searches of keep: a
+// contiguous run, as keep ascends), and the item waits for the items holding them, usually one or
+// two, so writes of different items overlap instead of following each other. Reads never wait,
+// so a wait lasts at most one staging latency, and waits point only to earlier tickets (blocks
+// already resident or finished), so they cannot deadlock.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -174,10 +175,16 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(MoveParams p) {
   }
   if (!moves) return;
   if (threadIdx.x < 32) {  // wait for the reads of the earlier items whose sources this item overwrites
-    const std::int64_t first_reader = first_source_at_or_after(p.keep_slots + h * p.capacity, begin, begin);
+    // Those read outputs [r0, r1): the outputs before `begin` whose sources lie in [begin, end).
+    const std::int32_t* keep = p.keep_slots + h * p.capacity;
+    const std::int64_t r0 = first_source_at_or_after(keep, begin, begin);
+    const std::int64_t r1 = keep[begin] >= end ? first_source_at_or_after(keep, begin, end) : begin;
     const unsigned* flags = p.read_done + h * p.items_per_head;
-    for (std::int64_t e = first_reader / p.slots_per_item + threadIdx.x; e < c; e += 32)
-      while (*reinterpret_cast<const volatile unsigned*>(flags + e) != p.epoch) __nanosleep(64);
+    if (r1 > r0) {
+      const std::int64_t last = min(c - 1, (r1 - 1) / p.slots_per_item);
+      for (std::int64_t e = r0 / p.slots_per_item + threadIdx.x; e <= last; e += 32)
+        while (*reinterpret_cast<const volatile unsigned*>(flags + e) != p.epoch) __nanosleep(64);
+    }
     __threadfence();
   }
   __syncthreads();
