@@ -8,6 +8,9 @@
 //   stream synchronisation to read its verdict.
 // BM_CudaStepStreamingLLM/T/d: append, attend, StreamingLLM.on_decode (the same kernel, victim by
 //   recency).
+// BM_CudaStep<Policy>Deferred/T/d: the same steps with CudaBackend::defer_step_errors(true): the
+//   kernel's verdict is not waited for, so the host never synchronises inside the step (each
+//   iteration still ends with one synchronisation, as the attention step's does).
 // The cache sits at its budget, so every step evicts exactly one entry; the difference to
 // BM_CudaAttentionStep is the policy's per-step overhead, host synchronisation included.
 // Bytes processed = the K and V bytes of the T entries.
@@ -22,30 +25,31 @@ namespace {
 using Cache = KVCache<CudaBackend>;
 
 struct DecodeFixture {
-  explicit DecodeFixture(std::int64_t t_, std::int64_t d_)
-      : t(t_), d(d_), shape{1, kKvHeads, kQHeads, d_, t_ + 1}, cache(shape), q(random_device(kQHeads * d_, 7)),
-        token_k(random_device(kKvHeads * d_, 8)), token_v(random_device(kKvHeads * d_, 9)),
+  DecodeFixture(std::int64_t t_, std::int64_t d_, std::int64_t layers_ = 1)
+      : t(t_), d(d_), layers(layers_), shape{layers_, kKvHeads, kQHeads, d_, t_ + 1}, cache(shape),
+        q(random_device(kQHeads * d_, 7)), token_k(random_device(kKvHeads * d_, 8)), token_v(random_device(kKvHeads * d_, 9)),
         probs(kQHeads * (t_ + 1)), out(kQHeads * d_), scale(1.0f / std::sqrt(static_cast<float>(d_))) {
     constexpr std::int64_t kChunk = 1024;
     auto k = random_device(kKvHeads * kChunk * d, 10);
     auto v = random_device(kKvHeads * kChunk * d, 11);
-    for (std::int64_t done = 0; done < t; done += kChunk) {
-      const std::int64_t n = std::min(kChunk, t - done);
-      cache.append(0, {k.data(), kKvHeads * n * d}, {v.data(), kKvHeads * n * d}, n);
-    }
+    for (std::int64_t l = 0; l < layers; ++l)
+      for (std::int64_t done = 0; done < t; done += kChunk) {
+        const std::int64_t n = std::min(kChunk, t - done);
+        cache.append(l, {k.data(), kKvHeads * n * d}, {v.data(), kKvHeads * n * d}, n);
+      }
   }
-  void attend() { cache.backend().attend(cache.view(0), q.data(), scale, probs.data(), out.data()); }
-  void append_token() {
-    cache.append_token(0, {token_k.data(), token_k.size()}, {token_v.data(), token_v.size()});
+  void attend(std::int64_t layer = 0) { cache.backend().attend(cache.view(layer), q.data(), scale, probs.data(), out.data()); }
+  void append_token(std::int64_t layer = 0) {
+    cache.append_token(layer, {token_k.data(), token_k.size()}, {token_v.data(), token_v.size()});
   }
   [[nodiscard]] Observation<float, CudaSpace> probs_observation() const {
     return Observation<float, CudaSpace>::from_probs({probs.data(), probs.size()}, 1, t + 1);
   }
   void counters(benchmark::State& state) const {
-    state.SetBytesProcessed(state.iterations() * 2 * kKvHeads * t * d * static_cast<std::int64_t>(sizeof(float)));
+    state.SetBytesProcessed(state.iterations() * layers * 2 * kKvHeads * t * d * static_cast<std::int64_t>(sizeof(float)));
   }
 
-  std::int64_t t, d;
+  std::int64_t t, d, layers;
   CacheShape shape;
   Cache cache;
   cuda::DeviceBuffer<float> q, token_k, token_v, probs, out;
@@ -69,34 +73,83 @@ void BM_CudaStepAppend(benchmark::State& state) {
   f.counters(state);
 }
 
-void BM_CudaStepH2O(benchmark::State& state) {
+void run_step_h2o(benchmark::State& state, bool deferred) {
   if (!start(state, "bandwidth-bound")) return;
   DecodeFixture f(state.range(0), state.range(1));
+  f.cache.backend().defer_step_errors(deferred);
   H2O<Cache> policy(f.cache, H2OConfig{f.t / 2, f.t - f.t / 2});  // budget T: one eviction per step
   time_loop(state, f.cache.backend().stream(), [&] {
     f.append_token();
     f.attend();
     policy.on_decode(f.cache, 0, f.probs_observation());
   });
+  f.cache.backend().check_step_errors();
   f.counters(state);
 }
+void BM_CudaStepH2O(benchmark::State& state) { run_step_h2o(state, false); }
+void BM_CudaStepH2ODeferred(benchmark::State& state) { run_step_h2o(state, true); }
 
-void BM_CudaStepStreamingLLM(benchmark::State& state) {
+void run_step_streaming_llm(benchmark::State& state, bool deferred) {
   if (!start(state, "bandwidth-bound")) return;
   DecodeFixture f(state.range(0), state.range(1));
+  f.cache.backend().defer_step_errors(deferred);
   StreamingLLM<Cache> policy(f.cache, StreamingLLMConfig{4, f.t - 4});  // budget T
   time_loop(state, f.cache.backend().stream(), [&] {
     f.append_token();
     f.attend();
     policy.on_decode(f.cache, 0, Observation<float, CudaSpace>::none());
   });
+  f.cache.backend().check_step_errors();
   f.counters(state);
 }
+void BM_CudaStepStreamingLLM(benchmark::State& state) { run_step_streaming_llm(state, false); }
+void BM_CudaStepStreamingLLMDeferred(benchmark::State& state) { run_step_streaming_llm(state, true); }
+
+// A whole token of an 8-layer model: per layer the engine appends and attends, then H2O steps.
+// With immediate verdicts the host waits for the GPU once per layer; deferred, never inside the
+// token (each iteration still ends with one synchronisation).
+constexpr std::int64_t kModelLayers = 8;
+
+void BM_CudaAttentionStep8Layers(benchmark::State& state) {
+  if (!start(state, "launch-bound (baseline)")) return;
+  DecodeFixture f(state.range(0), state.range(1), kModelLayers);
+  // Lengths frozen at T: every append writes slot T again, as in BM_CudaStepAppend.
+  time_loop(state, f.cache.backend().stream(), [&] {
+    for (std::int64_t l = 0; l < kModelLayers; ++l) {
+      f.cache.backend().append(f.cache.view(l), f.token_k.data(), f.token_v.data(), 1, f.t);
+      f.attend(l);
+    }
+  });
+  f.counters(state);
+}
+
+void run_step_h2o_layers(benchmark::State& state, bool deferred) {
+  if (!start(state, "launch-bound")) return;
+  DecodeFixture f(state.range(0), state.range(1), kModelLayers);
+  f.cache.backend().defer_step_errors(deferred);
+  H2O<Cache> policy(f.cache, H2OConfig{f.t / 2, f.t - f.t / 2});
+  time_loop(state, f.cache.backend().stream(), [&] {
+    for (std::int64_t l = 0; l < kModelLayers; ++l) {
+      f.append_token(l);
+      f.attend(l);
+      policy.on_decode(f.cache, l, f.probs_observation());
+    }
+  });
+  f.cache.backend().check_step_errors();
+  f.counters(state);
+}
+void BM_CudaStepH2O8Layers(benchmark::State& state) { run_step_h2o_layers(state, false); }
+void BM_CudaStepH2O8LayersDeferred(benchmark::State& state) { run_step_h2o_layers(state, true); }
 
 BENCHMARK(BM_CudaAttentionStep)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepAppend)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepH2O)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepStreamingLLM)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaStepH2ODeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaStepStreamingLLMDeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaAttentionStep8Layers)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaStepH2O8Layers)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaStepH2O8LayersDeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 }  // namespace kvevict::cuda_bench

@@ -4,6 +4,7 @@
 // and the in-place compaction kernel under the plans that make its work items wait on each
 // other (long shifts, repeated calls on one backend, large capacity).
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -152,6 +153,110 @@ TEST_CASE("evict_one on CUDA rejects a non-finite probability or an all-protecte
   b.gpu.evict_one(t.gpu_view(), gpu_step(&data, c.capacity, GroupAgg::mean, rule), gpu_extras);
   t.require_same_state("valid step after rejections");
   require_identical(to_host(data.d_scores), data.scores, "sums after the valid step");
+}
+
+TEST_CASE("evict_one with deferred verdicts: valid steps match the CPU, a rejected step changes nothing and throws once, "
+          "later",
+          "[cuda][contract][fused]") {
+  if (!device_available()) return;
+  const LayerCase c{4, 8, 64, 3000, 0, false, 78};
+  TwinLayer t(c);
+  BackendPair b(c.shape());
+  b.gpu.defer_step_errors(true);
+  REQUIRE(b.gpu.defers_step_errors());
+  StepData data(t.rng(), c, false);
+  const ProtectRule rule{4, std::max<std::int64_t>(5, t.max_position() - 16)};
+  std::vector<SlotExtra> cpu_extras{SlotExtra{data.scores.data(), c.group_size()}};
+  std::vector<SlotExtra> gpu_extras{SlotExtra{data.d_scores.data(), c.group_size()}};
+  auto valid_step = [&](const char* what) {
+    cpu_step(b.cpu, t, &data, GroupAgg::mean, rule, cpu_extras);
+    b.gpu.evict_one(t.gpu_view(), gpu_step(&data, c.capacity, GroupAgg::mean, rule), gpu_extras);
+    t.require_same_state(what);
+    require_identical(to_host(data.d_scores), data.scores, what);
+  };
+  valid_step("first deferred step");
+  REQUIRE_NOTHROW(b.gpu.check_step_errors());
+
+  // A NaN step: no throw when queued; nothing changes; the error waits for the host.
+  const std::vector<float> scores_before = data.scores;
+  std::vector<float> probs = data.probs;
+  probs[17] = std::numeric_limits<float>::quiet_NaN();
+  upload(data.d_probs, probs);
+  REQUIRE_NOTHROW(b.gpu.evict_one(t.gpu_view(), gpu_step(&data, c.capacity, GroupAgg::mean, rule), gpu_extras));
+  t.require_same_state("after the rejected deferred step");
+  require_identical(to_host(data.d_scores), scores_before, "sums after the rejected deferred step");
+  std::string message;
+  try {
+    b.gpu.check_step_errors();
+  } catch (const NonFiniteError& e) {
+    message = e.what();
+  }
+  CHECK_THAT(message, Catch::Matchers::Contains("deferred decode step 2") && Catch::Matchers::Contains("left out its newest entry"));
+  REQUIRE_NOTHROW(b.gpu.check_step_errors());  // thrown once
+
+  // An all-protected step, then the next evict_one reports it (its kernel has finished by then)
+  // and does nothing itself.
+  upload(data.d_probs, data.probs);
+  REQUIRE_NOTHROW(b.gpu.evict_one(t.gpu_view(), gpu_step(&data, c.capacity, GroupAgg::mean, ProtectRule{INT64_MAX, INT64_MAX}),
+                                  gpu_extras));
+  REQUIRE(cudaStreamSynchronize(b.gpu.stream()) == cudaSuccess);
+  REQUIRE_THROWS_AS(b.gpu.evict_one(t.gpu_view(), gpu_step(&data, c.capacity, GroupAgg::mean, rule), gpu_extras), InvariantError);
+  t.require_same_state("after the reported step");
+  require_identical(to_host(data.d_scores), scores_before, "sums after the reported step");
+  valid_step("a valid deferred step after the errors");
+  b.gpu.defer_step_errors(false);
+  valid_step("back to immediate verdicts");
+}
+
+TEST_CASE("H2O on CUDA with deferred verdicts: a NaN step leaves out the appended token and the error surfaces at "
+          "check_step_errors",
+          "[cuda][policy][fused]") {
+  if (!device_available()) return;
+  using GpuCache = KVCache<CudaBackend>;
+  const CacheShape shape{1, 2, 8, 32, 96};
+  GpuCache gpu(shape);
+  gpu.backend().defer_step_errors(true);
+  H2O<GpuCache> policy(gpu, H2OConfig{24, 40});
+  Rng rng(6);
+  auto push = [&](std::int64_t tokens) {
+    const auto k = to_device(random_floats(rng, shape.num_kv_heads * tokens * shape.head_dim));
+    const auto n = k.size();
+    gpu.append(0, CudaSpan<const float>{k.data(), n}, CudaSpan<const float>{k.data(), n}, tokens);
+  };
+  auto probs_row = [&](std::int64_t len, bool nan) {
+    std::vector<float> p(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 0.0f);
+    for (std::int64_t qh = 0; qh < shape.num_q_heads; ++qh)
+      for (std::int64_t j = 0; j < len; ++j) p[static_cast<std::size_t>(qh * shape.capacity + j)] = rng.uniform(0.0f, 2.0f / static_cast<float>(len));
+    if (nan) p[5] = std::numeric_limits<float>::quiet_NaN();
+    return to_device(p);
+  };
+  push(64);
+  {
+    const auto dp = probs_row(64, false);
+    policy.on_prefill(gpu, 0, Observation<float, CudaSpace>::from_probs({dp.data(), dp.size()}, 1, shape.capacity));
+  }
+  for (std::int64_t step = 0; step < 12; ++step) {
+    CAPTURE(step);
+    const auto before = gpu.kept_positions(0, 0);
+    const auto scores_before = to_host(policy.scorer().q_head_scores(0), shape.num_q_heads * shape.capacity);
+    push(1);
+    const auto dp = probs_row(gpu.len(0, 0), step == 7);
+    REQUIRE_NOTHROW(policy.on_decode(gpu, 0, Observation<float, CudaSpace>::from_probs({dp.data(), dp.size()}, 1, shape.capacity)));
+    for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) REQUIRE(gpu.len(0, h) == 64);
+    if (step == 7) {
+      REQUIRE(gpu.kept_positions(0, 0) == before);  // the token appended for the step is the one left out
+      const auto scores_after = to_host(policy.scorer().q_head_scores(0), shape.num_q_heads * shape.capacity);
+      for (std::int64_t qh = 0; qh < shape.num_q_heads; ++qh)  // live slots keep their sums
+        for (std::int64_t j = 0; j < 64; ++j) {
+          const auto i = static_cast<std::size_t>(qh * shape.capacity + j);
+          REQUIRE(std::memcmp(&scores_after[i], &scores_before[i], sizeof(float)) == 0);
+        }
+      REQUIRE_THROWS_AS(gpu.backend().check_step_errors(), NonFiniteError);
+    } else {
+      REQUIRE(gpu.kept_positions(0, 0) != before);  // a valid step keeps the new token or evicted an old one
+    }
+  }
+  REQUIRE_NOTHROW(gpu.backend().check_step_errors());
 }
 
 TEST_CASE("H2O on CUDA takes the fused decode step: a NaN step throws and changes nothing, later steps match the CPU",

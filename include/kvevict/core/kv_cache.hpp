@@ -178,6 +178,8 @@ class KVCache {
   // Applies one decode step's scoring and eviction (DecodeEvictionBackend only): every kv-head
   // loses one entry. Throws, with the cache and the scores unchanged, for non-finite
   // probabilities (NonFiniteError) or a head whose entries are all protected (InvariantError).
+  // A backend that defers its verdict (CudaBackend::defer_step_errors) throws later instead; the
+  // rejected step then changes no entry or score and leaves out its newest entry.
   void apply(std::int64_t layer, const DecodeEviction& step, std::span<const SlotExtra> extras = {})
     requires DecodeEvictionBackend<B>
   {

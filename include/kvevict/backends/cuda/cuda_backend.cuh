@@ -7,7 +7,9 @@
 // Synchronisation: a primitive returns once its kernels are queued, except where the host needs
 // a result: all_finite (the answer), select_topk (the protected counts behind its BudgetError),
 // replace_with_last (the victims, validated before anything moves, as on the CPU), head_budgets
-// (the per-head counts, computed on the host once per layer), and the two copies. Those synchronise this backend's stream only, never the device.
+// (the per-head counts, computed on the host once per layer), evict_one (its verdict, unless
+// defer_step_errors(true)), and the two copies. Those synchronise this backend's stream only,
+// never the device.
 //
 // Host memory: LayerView::lens, fresh_from and keep_count are host arrays, as the concept says;
 // they reach the kernels by value (at most kMaxKvHeads kv-heads per layer). Every other pointer
@@ -18,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -324,8 +327,13 @@ class CudaBackend {
   // [q_head, probs_stride] probabilities, InvariantError for a head whose entries are all
   // protected; either leaves the cache and the scores unchanged. Synchronises the stream once, to
   // read that verdict. Results are bit-identical to the four primitives it replaces.
+  // With defer_step_errors(true) it does not wait: a rejected step still changes no entry and no
+  // score, and its slot count still drops by one (KVCache's), so the step's newest entry (the
+  // token just appended) is the one left out; the error is thrown by the first evict_one or
+  // check_step_errors() that finds the step finished.
   void evict_one(const LayerView<float>& v, const DecodeEviction& step, std::span<const SlotExtra> extras) {
     constexpr const char* where = "CudaBackend::evict_one";
+    if (defer_) throw_deferred(where);  // an earlier step's rejection, if its kernel has finished
     cuda::detail::DecodeEvictParams p{};
     p.layer = cuda::detail::make_device_layer(where, v);
     if (step.probs != nullptr) {
@@ -373,7 +381,12 @@ class CudaBackend {
       first_group = false;
       for (std::int32_t a = 0; a < group.num_arrays; ++a) p.arrays[a] = group.arrays[a];
       p.num_arrays = group.num_arrays;
+      if (defer_) {
+        p.deferred = deferred_device_;
+        p.step_id = static_cast<std::int32_t>(++deferred_steps_ & 0x7fffffff);
+      }
       cuda::detail::launch_decode_evict(p, blocks, stream_);
+      if (defer_) return;
       read_status(2, where);
       if (host_status_.data()[0] != 0)
         kvevict::detail::fail<NonFiniteError>(where, "probs", "NaN/Inf", "every probability must be finite");
@@ -381,6 +394,27 @@ class CudaBackend {
         kvevict::detail::fail<InvariantError>(where, "kv_head", host_status_.data()[1],
                                               "has no unprotected entry to evict");
     });
+  }
+
+  // Deferred decode-step verdicts: evict_one queues its kernel and returns without reading the
+  // verdict, so an engine's host loop never waits on the GPU for the policy (one stream
+  // synchronisation per layer and token otherwise). Off by default.
+  void defer_step_errors(bool on) {
+    if (on && deferred_.size() == 0) {
+      deferred_ = cuda::PinnedBuffer<std::int32_t>(4);
+      void* device = nullptr;
+      check(cudaHostGetDevicePointer(&device, deferred_.data(), 0), "CudaBackend::defer_step_errors",
+            "cudaHostGetDevicePointer");
+      deferred_device_ = static_cast<std::int32_t*>(device);
+    }
+    defer_ = on;
+  }
+  [[nodiscard]] bool defers_step_errors() const noexcept { return defer_; }
+  // Waits for this backend's stream, then throws the earliest deferred rejection not yet thrown.
+  void check_step_errors() {
+    constexpr const char* where = "CudaBackend::check_step_errors";
+    check(cudaStreamSynchronize(stream_), where, "cudaStreamSynchronize");
+    throw_deferred(where);
   }
 
   // Rotates every live key whose position >= min_position by `delta` positions (RoPE(p) then
@@ -666,6 +700,24 @@ class CudaBackend {
   }
 
   // The few int32 a host decision reads back; allocated by reserve() or on first use.
+  // Throws the rejection a finished deferred step left in deferred_ (and clears it).
+  void throw_deferred(const char* where) {
+    if (deferred_.size() == 0) return;
+    auto* flag = static_cast<volatile std::int32_t*>(deferred_.data());
+    const std::int32_t kind = flag[0];
+    if (kind == 0) return;
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const std::int32_t head = flag[1], step = flag[2];
+    flag[0] = 0;
+    const std::string when = "deferred decode step " + std::to_string(step) + " of this backend";
+    if (kind == 1)
+      kvevict::detail::fail<NonFiniteError>(where, "probs", "NaN/Inf",
+                                            "every probability must be finite (" + when +
+                                                "; it changed no entry or score and left out its newest entry)");
+    kvevict::detail::fail<InvariantError>(where, "kv_head", head,
+                                          "has no unprotected entry to evict (" + when +
+                                              "; it changed no entry or score and left out its newest entry)");
+  }
   void ensure_status() {
     if (status_.size() == 0) status_ = cuda::DeviceBuffer<std::int32_t>(kMaxKvHeads, stream_);
     if (host_status_.size() == 0) host_status_ = cuda::PinnedBuffer<std::int32_t>(kMaxKvHeads);
@@ -693,6 +745,10 @@ class CudaBackend {
   cuda::DeviceBuffer<float> partial_;              // [q_head, chunk, head_dim] attend partial sums
   cuda::DeviceBuffer<std::int32_t> status_;        // [kMaxKvHeads] device results the host reads
   cuda::PinnedBuffer<std::int32_t> host_status_;   // [kMaxKvHeads] their landing place
+  bool defer_ = false;                             // evict_one leaves its verdict in deferred_
+  cuda::PinnedBuffer<std::int32_t> deferred_;      // [4] host-mapped {kind, kv_head, step}: earliest rejection
+  std::int32_t* deferred_device_ = nullptr;        // deferred_ as the kernels address it
+  std::uint64_t deferred_steps_ = 0;
   cuda::DeviceBuffer<float> window_ws_;            // window_column_stats row statistics (window_workspace_floats)
   cuda::DeviceBuffer<float> bounce_;               // [kCopyBounceFloats] copy_within overlap bounce
   cuda::PinnedBuffer<float> host_scores_;          // [kv_head, capacity] head_budgets scores

@@ -7,7 +7,8 @@
 // All or nothing: phase 1 validates (every probability finite, every head has an unprotected
 // entry) and finds per-chunk candidates without writing; a grid-wide barrier; phase 2 writes the
 // scores and reduces each head's candidates only if the whole layer validated; a barrier; phase 3
-// moves the newest slots. A rejected step changes nothing and reports why in `status`.
+// moves the newest slots. A rejected step changes nothing and reports why in `status` (and, with
+// deferred verdicts, in host-mapped memory the host reads without waiting for the kernel).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -66,6 +67,11 @@ struct DecodeEvictParams {
   std::int32_t* flags;         // [1 + kv_head], zero between launches: non-finite seen; head h has an unprotected entry
   std::int32_t* victims;       // [kv_head] out (-1 when the step was rejected)
   std::int32_t* status;        // [2] out: 1 if a probability was not finite; first head without a victim, or -1
+  // Deferred verdicts (nullptr: off): host-mapped [3] {kind, kv_head, step}, written by a rejected
+  // step only while kind is 0 (the earliest rejection waits there for the host). kind 1: a
+  // non-finite probability; 2: a head without an unprotected entry.
+  std::int32_t* deferred;
+  std::int32_t step_id;
 
   __device__ bool protects(std::int64_t pos) const { return pos < sink_end || pos >= recent_begin; }
 };
@@ -227,8 +233,16 @@ __global__ void __launch_bounds__(kThreads) decode_evict_kernel(DecodeEvictParam
       std::int32_t missing = -1;
       for (std::int32_t h = 0; h < p.layer.num_kv_heads && missing < 0; ++h)
         if (__ldcg(p.flags + 1 + h) == 0) missing = h;
-      p.status[0] = __ldcg(p.flags) != 0 ? 1 : 0;
+      const bool nonfinite = __ldcg(p.flags) != 0;
+      p.status[0] = nonfinite ? 1 : 0;
       p.status[1] = missing;
+      if (p.deferred != nullptr && (nonfinite || missing >= 0) &&
+          *reinterpret_cast<volatile std::int32_t*>(p.deferred) == 0) {
+        p.deferred[1] = missing;
+        p.deferred[2] = p.step_id;
+        __threadfence_system();  // the host reads kind first, then the fields
+        *reinterpret_cast<volatile std::int32_t*>(p.deferred) = nonfinite ? 1 : 2;
+      }
     }
     __syncthreads();  // status read the flags before they are cleared
     for (std::int64_t i = threadIdx.x; i <= p.layer.num_kv_heads; i += kThreads) p.flags[i] = 0;
