@@ -60,7 +60,9 @@ struct MoveParams {
 static_assert(std::is_trivially_copyable_v<MoveParams>);
 
 inline constexpr int kMaxItemSlots = 1024;                // output slots per compaction work item
-inline constexpr int kStageWords = 4096;                  // 16 KiB of shared memory per work item
+// 40 KiB of shared memory per work item (with s_src, under the 48 KiB a block gets without an
+// opt-in): an item's fixed latency (ticket, keep searches, waits) is spread over more bytes.
+inline constexpr int kStageWords = 10240;
 inline constexpr unsigned kStageBytes = kStageWords * 4u;
 
 // True when every slot of `arr` starts on 16 bytes and spans whole 16-byte units.
@@ -140,9 +142,11 @@ __device__ inline std::int64_t first_source_at_or_after(const std::int32_t* keep
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) compact_kernel(MoveParams p) {
+  static_assert(kThreads >= 64, "two warps search the keep list");
   extern __shared__ uint4 stage_raw[];  // kStageBytes, 16-byte aligned
   __shared__ std::int32_t s_src[kMaxItemSlots];
   __shared__ unsigned long long s_item;
+  __shared__ std::int64_t s_readers[2];  // [r0, r1): the earlier outputs that read this item's destinations
   std::uint32_t* stage = reinterpret_cast<std::uint32_t*>(stage_raw);
   const unsigned long long items = static_cast<unsigned long long>(p.num_kv_heads) * p.items_per_head;
   if (threadIdx.x == 0) {
@@ -156,10 +160,22 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(MoveParams p) {
   const std::int64_t begin = c * p.slots_per_item;
   const std::int64_t end = min(begin + p.slots_per_item, static_cast<std::int64_t>(p.keep_count.v[h]));
   const int n = end > begin ? static_cast<int>(end - begin) : 0;
+  const std::int32_t* keep = p.keep_slots + h * p.capacity;
   bool moves = false;
   for (int i = static_cast<int>(threadIdx.x); i < n; i += kThreads) {
-    s_src[i] = p.keep_slots[h * p.capacity + begin + i];
+    s_src[i] = keep[begin + i];
     moves |= s_src[i] != begin + i;
+  }
+  // The readers of destinations [begin, end) are the outputs whose sources lie there: a
+  // contiguous run [r0, r1) of keep (it ascends), below begin. Two warps search for its ends
+  // while the others stage (the searches are chains of dependent loads; staging overlaps them).
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  if (n > 0 && warp == 0) {
+    const std::int64_t r0 = first_source_at_or_after(keep, begin, begin);
+    if ((threadIdx.x & 31) == 0) s_readers[0] = r0;
+  } else if (n > 0 && warp == 1) {
+    const std::int64_t r1 = keep[begin] >= end ? first_source_at_or_after(keep, begin, end) : begin;
+    if ((threadIdx.x & 31) == 0) s_readers[1] = r1;
   }
   moves = __syncthreads_or(moves) != 0;
   for (int a = 0; moves && a < p.num_arrays; ++a) {
@@ -168,17 +184,14 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(MoveParams p) {
     else
       move_stage<std::uint32_t, true, kThreads>(p.arrays[a], stage + p.stage_offset[a], s_src, h, begin, n);
   }
-  __syncthreads();  // the whole item's reads are done
+  __syncthreads();  // the whole item's reads (and the searches) are done
   if (threadIdx.x == 0) {
     __threadfence();
     atomicExch(p.read_done + item, p.epoch);
   }
   if (!moves) return;
   if (threadIdx.x < 32) {  // wait for the reads of the earlier items whose sources this item overwrites
-    // Those read outputs [r0, r1): the outputs before `begin` whose sources lie in [begin, end).
-    const std::int32_t* keep = p.keep_slots + h * p.capacity;
-    const std::int64_t r0 = first_source_at_or_after(keep, begin, begin);
-    const std::int64_t r1 = keep[begin] >= end ? first_source_at_or_after(keep, begin, end) : begin;
+    const std::int64_t r0 = s_readers[0], r1 = s_readers[1];
     const unsigned* flags = p.read_done + h * p.items_per_head;
     if (r1 > r0) {
       const std::int64_t last = min(c - 1, (r1 - 1) / p.slots_per_item);
