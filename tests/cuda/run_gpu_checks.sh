@@ -12,7 +12,10 @@
 # nproc), KVEVICT_DEPS_PREFIX (a folder made by tests/cuda/stage_gpu_deps.sh, for machines where
 # the Debian packages are missing and apt cannot reach a mirror; build/gpu-deps is used if present),
 # KVEVICT_GPU_BUILD_DIR (default build/gpu), KVEVICT_CUDA_ARCH (default native; a dry run on a
-# machine without a GPU needs a named one, e.g. 90).
+# machine without a GPU needs a named one, e.g. 90), KVEVICT_RACECHECK_FILTER (Catch test specs
+# for racecheck), KVEVICT_RACECHECK_S (its time cap, default 150; racecheck is slow) and
+# KVEVICT_BENCH_FILTER (a --benchmark_filter regex; default: every benchmark); KVEVICT_SKIP_CPU_BUILD
+# (non-empty: no background build of the CPU targets).
 set -u
 
 OUT="${OUT:-./gpu_out}"
@@ -153,7 +156,7 @@ if ((CONFIGURED)); then
   if ((${#TARGETS[@]} > 0)); then
     run_step build-cuda "$(time_for 300 150)" "$OUT/build_cuda.txt" cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}"
   fi
-  if [[ $BUILD_TESTS == ON ]]; then  # CPU targets in the background, build only, lower priority
+  if [[ $BUILD_TESTS == ON && -z "${KVEVICT_SKIP_CPU_BUILD:-}" ]]; then  # CPU targets in the background, build only, lower priority
     log "=== build-cpu (background): kvevict-tests kvevict-replay"
     (timeout 240 nice -n 10 cmake --build "$BUILD" -j "$JOBS" --target kvevict-tests kvevict-replay \
       >"$OUT/build_cpu.txt" 2>&1; echo "rc=$?" >>"$OUT/build_cpu.txt") &
@@ -189,6 +192,7 @@ fi
 # --- 6. benchmarks -----------------------------------------------------------------------
 if [[ -x "$BENCH_BIN" ]]; then
   run_step cuda-bench "$(time_for 200 10)" "$OUT/cuda_bench.txt" "$BENCH_BIN" --benchmark_min_time=0.1 \
+    --benchmark_filter="${KVEVICT_BENCH_FILTER:-.}" \
     --benchmark_counters_tabular=true --benchmark_out="$OUT/cuda_bench.json" --benchmark_out_format=json
 else
   [[ $BUILD_BENCH == ON ]] && FAILED+=("cuda-bench (binary missing)")
@@ -197,9 +201,9 @@ fi
 # --- 7. racecheck on the shared-memory kernels (tiled column sums, selection), if time is left
 if [[ -x "$TESTS_BIN" && -n "$SANITIZER" ]]; then
   if (($(remaining) > 60)); then
-    KVEVICT_CUDA_TEST_SMALL=1 run_step racecheck "$(time_for 150 20)" "$OUT/racecheck.txt" \
+    KVEVICT_CUDA_TEST_SMALL=1 run_step racecheck "$(time_for "${KVEVICT_RACECHECK_S:-150}" 20)" "$OUT/racecheck.txt" \
       "$SANITIZER" --tool racecheck --error-exitcode 86 --print-limit 20 "$TESTS_BIN" \
-      "accumulate_query_column_sums*,select_topk on CUDA throws*,select_victims*,compact on CUDA*,evict_one*,window_column_stats*"
+      "${KVEVICT_RACECHECK_FILTER:-window_column_stats*,accumulate_query_column_sums*,select_topk on CUDA throws*,select_victims*,compact on CUDA*,evict_one*}"
   else
     SKIPPED+=("racecheck (out of time)")
   fi
