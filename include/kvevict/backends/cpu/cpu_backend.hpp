@@ -251,13 +251,13 @@ class CpuBackend {
       if (!all_finite(step.probs, v.num_q_heads * step.probs_stride))
         detail::fail<NonFiniteError>(where, "probs", "NaN/Inf", "every probability must be finite");
     }
+    if (victims_.size() < static_cast<std::size_t>(v.num_kv_heads))  // reserve() sized it; a view may not have
+      victims_.assign(static_cast<std::size_t>(v.num_kv_heads), -1);
     if (step.probs == nullptr) {  // by recency: every victim is known before anything moves
-      if (victims_.size() < static_cast<std::size_t>(v.num_kv_heads)) victims_.assign(static_cast<std::size_t>(v.num_kv_heads), -1);
-      for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
-        victims_[static_cast<std::size_t>(h)] = oldest_unprotected_slot(v.head_positions(h), v.lens[h], step.rule);
+      select_victims(v, nullptr, step.rule, victims_.data());
+      for (std::int64_t h = 0; h < v.num_kv_heads; ++h)
         if (victims_[static_cast<std::size_t>(h)] < 0)
           detail::fail<InvariantError>(where, "kv_head", h, "has no unprotected entry to evict");
-      }
       for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
         const std::int64_t n = v.lens[h];
         if (victims_[static_cast<std::size_t>(h)] != n - 1) move_slot(v, extras, h, n - 1, victims_[static_cast<std::size_t>(h)]);
@@ -274,10 +274,10 @@ class CpuBackend {
     if (group_scores_.size() < layer_slots) group_scores_.assign(layer_slots, 0.0f);  // reserve() sized it
     accumulate_column_sums(v, step.probs, 1, step.probs_stride, step.q_scores, step.fresh_from);
     group_reduce(v, step.q_scores, group_scores_.data(), step.agg);
+    select_victims(v, group_scores_.data(), step.rule, victims_.data());
     for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
       const std::int64_t n = v.lens[h];
-      const std::int32_t victim = lowest_scored_slot(group_scores_.data() + h * v.capacity, v.head_positions(h), n, step.rule);
-      if (victim != n - 1) move_slot(v, extras, h, n - 1, victim);
+      if (victims_[static_cast<std::size_t>(h)] != n - 1) move_slot(v, extras, h, n - 1, victims_[static_cast<std::size_t>(h)]);
     }
   }
 
@@ -784,11 +784,14 @@ class CpuBackend {
     while (j0 < n && unprotected_mask(pos[j0], lo, hi) == 0) ++j0;
     if (j0 == n) return -1;
     if (std::isnan(s[j0])) return static_cast<std::int32_t>(j0);
+    // Protected slots read as +inf through a bit mask (a branch here would be unpredictable).
+    constexpr auto kInfBits = std::bit_cast<std::int32_t>(kInf);
     float lanes[8] = {kInf, kInf, kInf, kInf, kInf, kInf, kInf, kInf};  // independent lanes vectorize
     std::int64_t j = j0;
     for (; j + 8 <= n; j += 8)
       for (std::int64_t k = 0; k < 8; ++k) {
-        const float x = unprotected_mask(pos[j + k], lo, hi) != 0 ? s[j + k] : kInf;
+        const std::int32_t m = unprotected_mask(pos[j + k], lo, hi);
+        const float x = std::bit_cast<float>((std::bit_cast<std::int32_t>(s[j + k]) & m) | (kInfBits & ~m));
         lanes[k] = x < lanes[k] ? x : lanes[k];
       }
     float least = s[j0];
@@ -824,7 +827,11 @@ class CpuBackend {
     std::int32_t best = -1;
     for (std::int64_t j = 0; j < n; ++j) {
       if (rule.protects(pos[j])) continue;
-      if (best < 0 || pos[j] < pos[best]) best = static_cast<std::int32_t>(j);
+      if (best < 0) {
+        best = static_cast<std::int32_t>(j);
+        continue;
+      }
+      if (pos[j] < pos[best]) best = static_cast<std::int32_t>(j);
     }
     return best;
   }
