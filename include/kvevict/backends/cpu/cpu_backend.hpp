@@ -770,54 +770,54 @@ class CpuBackend {
     return best;
   }
 
+  // Order-preserving integer key of a non-NaN float: x < y iff key(x) < key(y), and -0, +0 share
+  // key 0. NaNs get keys above +inf's (positive sign) or below -inf's (negative sign).
+  static constexpr std::int32_t score_key(float x) noexcept {
+    const auto i = std::bit_cast<std::int32_t>(x);
+    const std::int32_t zero = -static_cast<std::int32_t>((i & 0x7FFFFFFF) == 0);
+    return (i ^ ((i >> 31) & 0x7FFFFFFF)) & ~zero;
+  }
+
   // The scan's result without its branches (they are unpredictable once replacements have
-  // shuffled the slots). Unless the first candidate is NaN, the victim is the first unprotected
-  // slot holding the least non-NaN score, or, when several hold it, the newest of them. One
-  // vectorized min pass (minps skips NaN: x < m is false for a NaN x; -0 == +0 as in the scan),
-  // then a blockwise search for the first slot at the minimum and a check for a second one; only
-  // ties pay for the pass that finds the newest.
+  // shuffled the slots): unless the first candidate is NaN, the victim is the first unprotected
+  // slot of least score key among the non-NaN ones, or, when several hold it, the newest of them.
+  // A negative NaN would have the least key: such heads take the scan. Every pass is a plain
+  // integer reduction, which g++ and clang vectorize on SSE2 in any calling context (a float min
+  // needs -ffast-math to vectorize): the min pass, a blockwise search for the first slot at the
+  // minimum, a check for a second one; only ties pay for the pass that finds the newest.
   static std::int32_t lowest_scored_slot(const float* s, const std::int32_t* pos, std::int64_t n, ProtectRule rule) {
-    constexpr float kInf = std::numeric_limits<float>::infinity();
     std::int32_t lo = 0, hi = 0;
     if (!unprotected_interval(rule, lo, hi)) return -1;
     std::int64_t j0 = 0;
     while (j0 < n && unprotected_mask(pos[j0], lo, hi) == 0) ++j0;
     if (j0 == n) return -1;
     if (std::isnan(s[j0])) return static_cast<std::int32_t>(j0);
-    // Protected slots read as +inf through a bit mask (a branch here would be unpredictable).
-    constexpr auto kInfBits = std::bit_cast<std::int32_t>(kInf);
-    float lanes[8] = {kInf, kInf, kInf, kInf, kInf, kInf, kInf, kInf};  // independent lanes vectorize
-    std::int64_t j = j0;
-    for (; j + 8 <= n; j += 8)
-      for (std::int64_t k = 0; k < 8; ++k) {
-        const std::int32_t m = unprotected_mask(pos[j + k], lo, hi);
-        const float x = std::bit_cast<float>((std::bit_cast<std::int32_t>(s[j + k]) & m) | (kInfBits & ~m));
-        lanes[k] = x < lanes[k] ? x : lanes[k];
-      }
-    float least = s[j0];
-    for (; j < n; ++j)
-      if (unprotected_mask(pos[j], lo, hi) != 0 && s[j] < least) least = s[j];
-    for (const float x : lanes) least = x < least ? x : least;
-    // All bits set where slot j is unprotected and holds the minimum (a mask, so loops vectorize).
-    const auto at_least = [&](std::int64_t j) {
-      return -static_cast<std::int32_t>(s[j] == least) & unprotected_mask(pos[j], lo, hi);
+    std::int32_t min_key = INT32_MAX;  // ends at most key(s[j0]), a non-NaN key below INT32_MAX
+    for (std::int64_t j = j0; j < n; ++j) {
+      const std::int32_t m = unprotected_mask(pos[j], lo, hi);
+      min_key = std::min(min_key, (score_key(s[j]) & m) | (INT32_MAX & ~m));
+    }
+    if (min_key < score_key(-std::numeric_limits<float>::infinity())) return lowest_scored_slot_scan(s, pos, n, rule);
+    // All bits set where slot j is unprotected and holds the minimum.
+    const auto at_min = [&](std::int64_t j) {
+      return -static_cast<std::int32_t>(score_key(s[j]) == min_key) & unprotected_mask(pos[j], lo, hi);
     };
     std::int64_t first = j0;
     for (; first + 32 <= n; first += 32) {  // blocks without the minimum are skipped whole
       std::int32_t hit = 0;
-      for (std::int64_t k = first; k < first + 32; ++k) hit |= at_least(k);
+      for (std::int64_t k = first; k < first + 32; ++k) hit |= at_min(k);
       if (hit != 0) break;
     }
-    while (at_least(first) == 0) ++first;
+    while (at_min(first) == 0) ++first;
     std::int32_t ties = 0;
-    for (j = first + 1; j < n; ++j) ties |= at_least(j);
+    for (std::int64_t j = first + 1; j < n; ++j) ties |= at_min(j);
     if (ties == 0) return static_cast<std::int32_t>(first);
     std::int32_t newest = INT32_MIN;
-    for (j = first; j < n; ++j) {
-      const std::int32_t m = at_least(j);
+    for (std::int64_t j = first; j < n; ++j) {
+      const std::int32_t m = at_min(j);
       newest = std::max(newest, (pos[j] & m) | (INT32_MIN & ~m));
     }
-    while (pos[first] != newest || at_least(first) == 0) ++first;
+    while (pos[first] != newest || at_min(first) == 0) ++first;
     return static_cast<std::int32_t>(first);
   }
 
