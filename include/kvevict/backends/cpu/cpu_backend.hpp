@@ -193,16 +193,15 @@ class CpuBackend {
       float* o = out + h * v.capacity;
       const float* first = in + h * g * v.capacity;
       std::copy(first, first + n, o);
+      const float inv = 1.0f / static_cast<float>(g);
       for (std::int64_t r = 1; r < g; ++r) {
         const float* row = first + r * v.capacity;
         if (agg == GroupAgg::max)
           for (std::int64_t j = 0; j < n; ++j) o[j] = std::max(o[j], row[j]);
+        else if (agg == GroupAgg::mean && r == g - 1)  // the last sum and the mean's scaling in one pass
+          for (std::int64_t j = 0; j < n; ++j) o[j] = (o[j] + row[j]) * inv;
         else
           for (std::int64_t j = 0; j < n; ++j) o[j] += row[j];
-      }
-      if (agg == GroupAgg::mean && g > 1) {
-        const float inv = 1.0f / static_cast<float>(g);
-        for (std::int64_t j = 0; j < n; ++j) o[j] *= inv;
       }
     }
   }
