@@ -78,8 +78,9 @@ concept WindowScoringBackend =
 namespace kvevict {
 
 // A backend that performs a whole decode-step eviction (DecodeEviction) in one call. Worth it
-// where each primitive is a kernel launch and reading a result back stalls the stream (CUDA):
-// policies with one eviction per step take this path when the backend offers it.
+// where each primitive is a kernel launch and reading a result back stalls the stream (CUDA);
+// the CPU offers it too, skipping the policy's intermediate plan. Policies with one eviction per
+// step take this path when the backend offers it.
 template <class B>
 concept DecodeEvictionBackend =
     Backend<B> && requires(B& b, const LayerView<float>& v, const DecodeEviction& step, std::span<const SlotExtra> extras) {
