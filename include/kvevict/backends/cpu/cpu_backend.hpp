@@ -753,10 +753,11 @@ class CpuBackend {
     return -static_cast<std::int32_t>(p >= lo) & -static_cast<std::int32_t>(p <= hi);
   }
 
-  // select_victims with scores, as a scan: best = the first unprotected slot, then move to j
-  // whenever s[j] < s[best] or (s[j] == s[best] and pos[j] > pos[best]). It stays on a NaN first
-  // candidate and never moves to a NaN.
-  static std::int32_t lowest_scored_slot_scan(const float* s, const std::int32_t* pos, std::int64_t n, ProtectRule rule) {
+  // The unprotected slot a scan settles on: the first one, then j whenever worse(j, best). -1
+  // when every slot is protected. Its branches follow the protect rule (predictable when most
+  // slots are protected, as in StreamingLLM) and `worse`.
+  template <class Worse>
+  static std::int32_t scan_unprotected(const std::int32_t* pos, std::int64_t n, ProtectRule rule, Worse worse) {
     std::int32_t best = -1;
     for (std::int64_t j = 0; j < n; ++j) {
       if (rule.protects(pos[j])) continue;
@@ -764,9 +765,17 @@ class CpuBackend {
         best = static_cast<std::int32_t>(j);
         continue;
       }
-      if (s[j] < s[best] || (s[j] == s[best] && pos[j] > pos[best])) best = static_cast<std::int32_t>(j);
+      if (worse(j, best)) best = static_cast<std::int32_t>(j);
     }
     return best;
+  }
+
+  // select_victims with scores, as a scan: move to j whenever s[j] < s[best] or (s[j] == s[best]
+  // and pos[j] > pos[best]). It stays on a NaN first candidate and never moves to a NaN.
+  static std::int32_t lowest_scored_slot_scan(const float* s, const std::int32_t* pos, std::int64_t n, ProtectRule rule) {
+    return scan_unprotected(pos, n, rule, [&](std::int64_t j, std::int64_t best) {
+      return s[j] < s[best] || (s[j] == s[best] && pos[j] > pos[best]);
+    });
   }
 
   // Order-preserving integer key of a non-NaN float: x < y iff key(x) < key(y), and -0, +0 share
@@ -820,19 +829,9 @@ class CpuBackend {
     return static_cast<std::int32_t>(first);
   }
 
-  // The unprotected slot of least position (the first of equals), or -1. A plain scan: its
-  // branches follow the protect rule, which predicts well (StreamingLLM protects all but a few).
+  // The unprotected slot of least position (the first of equals), or -1.
   static std::int32_t oldest_unprotected_slot(const std::int32_t* pos, std::int64_t n, ProtectRule rule) {
-    std::int32_t best = -1;
-    for (std::int64_t j = 0; j < n; ++j) {
-      if (rule.protects(pos[j])) continue;
-      if (best < 0) {
-        best = static_cast<std::int32_t>(j);
-        continue;
-      }
-      if (pos[j] < pos[best]) best = static_cast<std::int32_t>(j);
-    }
-    return best;
+    return scan_unprotected(pos, n, rule, [&](std::int64_t j, std::int64_t best) { return pos[j] < pos[best]; });
   }
 
   static void move_slot(const LayerView<float>& v, std::span<const SlotExtra> extras, std::int64_t h, std::int64_t src,
