@@ -73,21 +73,29 @@ void BM_CudaStepAppend(benchmark::State& state) {
   f.counters(state);
 }
 
-void run_step_h2o(benchmark::State& state, bool deferred) {
-  if (!start(state, "bandwidth-bound")) return;
-  DecodeFixture f(state.range(0), state.range(1));
+// A whole token of an 8-layer model: per layer the engine appends and attends, then H2O steps.
+// With immediate verdicts the host waits for the GPU once per layer; deferred, never inside the
+// token (each iteration still ends with one synchronisation).
+constexpr std::int64_t kModelLayers = 8;
+
+// H2O's step after the engine's append and attention, for every layer of a token.
+void run_step_h2o(benchmark::State& state, bool deferred, std::int64_t layers) {
+  if (!start(state, layers > 1 ? "launch-bound" : "bandwidth-bound")) return;
+  DecodeFixture f(state.range(0), state.range(1), layers);
   f.cache.backend().defer_step_errors(deferred);
   H2O<Cache> policy(f.cache, H2OConfig{f.t / 2, f.t - f.t / 2});  // budget T: one eviction per step
   time_loop(state, f.cache.backend().stream(), [&] {
-    f.append_token();
-    f.attend();
-    policy.on_decode(f.cache, 0, f.probs_observation());
+    for (std::int64_t l = 0; l < layers; ++l) {
+      f.append_token(l);
+      f.attend(l);
+      policy.on_decode(f.cache, l, f.probs_observation());
+    }
   });
   f.cache.backend().check_step_errors();
   f.counters(state);
 }
-void BM_CudaStepH2O(benchmark::State& state) { run_step_h2o(state, false); }
-void BM_CudaStepH2ODeferred(benchmark::State& state) { run_step_h2o(state, true); }
+void BM_CudaStepH2O(benchmark::State& state) { run_step_h2o(state, false, 1); }
+void BM_CudaStepH2ODeferred(benchmark::State& state) { run_step_h2o(state, true, 1); }
 
 void run_step_streaming_llm(benchmark::State& state, bool deferred) {
   if (!start(state, "bandwidth-bound")) return;
@@ -105,11 +113,6 @@ void run_step_streaming_llm(benchmark::State& state, bool deferred) {
 void BM_CudaStepStreamingLLM(benchmark::State& state) { run_step_streaming_llm(state, false); }
 void BM_CudaStepStreamingLLMDeferred(benchmark::State& state) { run_step_streaming_llm(state, true); }
 
-// A whole token of an 8-layer model: per layer the engine appends and attends, then H2O steps.
-// With immediate verdicts the host waits for the GPU once per layer; deferred, never inside the
-// token (each iteration still ends with one synchronisation).
-constexpr std::int64_t kModelLayers = 8;
-
 void BM_CudaAttentionStep8Layers(benchmark::State& state) {
   if (!start(state, "launch-bound (baseline)")) return;
   DecodeFixture f(state.range(0), state.range(1), kModelLayers);
@@ -123,23 +126,8 @@ void BM_CudaAttentionStep8Layers(benchmark::State& state) {
   f.counters(state);
 }
 
-void run_step_h2o_layers(benchmark::State& state, bool deferred) {
-  if (!start(state, "launch-bound")) return;
-  DecodeFixture f(state.range(0), state.range(1), kModelLayers);
-  f.cache.backend().defer_step_errors(deferred);
-  H2O<Cache> policy(f.cache, H2OConfig{f.t / 2, f.t - f.t / 2});
-  time_loop(state, f.cache.backend().stream(), [&] {
-    for (std::int64_t l = 0; l < kModelLayers; ++l) {
-      f.append_token(l);
-      f.attend(l);
-      policy.on_decode(f.cache, l, f.probs_observation());
-    }
-  });
-  f.cache.backend().check_step_errors();
-  f.counters(state);
-}
-void BM_CudaStepH2O8Layers(benchmark::State& state) { run_step_h2o_layers(state, false); }
-void BM_CudaStepH2O8LayersDeferred(benchmark::State& state) { run_step_h2o_layers(state, true); }
+void BM_CudaStepH2O8Layers(benchmark::State& state) { run_step_h2o(state, false, kModelLayers); }
+void BM_CudaStepH2O8LayersDeferred(benchmark::State& state) { run_step_h2o(state, true, kModelLayers); }
 
 BENCHMARK(BM_CudaAttentionStep)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepAppend)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
