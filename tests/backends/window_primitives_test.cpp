@@ -79,6 +79,21 @@ bool close(double got, double want, double rel, double abs_floor) {
   return std::abs(got - want) <= rel * std::abs(want) + abs_floor;
 }
 
+// Walks a [q_head, cap] output: dead(at) for the slots past the q-head's kv-head length (which
+// must keep their sentinel), live(qh, j, at) for the live ones.
+template <class Dead, class Live>
+void for_each_output_slot(const ManualLayer& m, std::int64_t cap, Dead&& dead, Live&& live) {
+  const std::int64_t g = m.q / m.kv;
+  for (std::int64_t qh = 0; qh < m.q; ++qh)
+    for (std::int64_t j = 0; j < cap; ++j) {
+      const auto at = static_cast<std::size_t>(qh * cap + j);
+      if (j >= m.len(qh / g))
+        dead(at);
+      else
+        live(qh, j, at);
+    }
+}
+
 // ---- naive references (double) ----
 
 // sums[qh][slot], sumsq[qh][slot]: query i of q-head qh (position first + i) softmaxes over the
@@ -162,21 +177,18 @@ TEST_CASE("window_column_stats equals a double reference of causal-by-position s
     b.window_column_stats(m.view(), queries.data(), nq, first, scale, sums.data(), sumsq.data());
     b.window_column_stats(m.view(), queries.data(), nq, first, scale, sums_only.data(), nullptr);
     const RefStats ref = ref_window_stats(m, queries, nq, first, scale);
-    for (std::int64_t qh = 0; qh < m.q; ++qh) {
-      const std::int64_t n = m.len(qh / g);
-      for (std::int64_t j = 0; j < cap; ++j) {
-        const auto at = static_cast<std::size_t>(qh * cap + j);
-        if (j >= n) {
+    for_each_output_slot(
+        m, cap,
+        [&](std::size_t at) {
           CHECK(sums[at] == kSentinel);
           CHECK(sumsq[at] == kSentinel);
-          continue;
-        }
-        INFO("q-head " << qh << " slot " << j << " position " << m.position(qh / g, j));
-        CHECK(close(sums[at], ref.sums[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 2e-5, 1e-7));
-        CHECK(close(sumsq[at], ref.sumsq[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 4e-5, 1e-7));
-        CHECK(sums_only[at] == sums[at]);
-      }
-    }
+        },
+        [&](std::int64_t qh, std::int64_t j, std::size_t at) {
+          INFO("q-head " << qh << " slot " << j << " position " << m.position(qh / g, j));
+          CHECK(close(sums[at], ref.sums[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 2e-5, 1e-7));
+          CHECK(close(sumsq[at], ref.sumsq[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 4e-5, 1e-7));
+          CHECK(sums_only[at] == sums[at]);
+        });
   }
 }
 
@@ -233,18 +245,14 @@ TEST_CASE("window_column_stats matches the double reference for logits beyond 43
     std::vector<float> sums(static_cast<std::size_t>(m.q * cap), kSentinel), sumsq(sums.size(), kSentinel);
     b.window_column_stats(m.view(), queries.data(), nq, first, scale, sums.data(), sumsq.data());
     const RefStats ref = ref_window_stats(m, queries, nq, first, scale);
-    for (std::int64_t qh = 0; qh < m.q; ++qh)
-      for (std::int64_t j = 0; j < cap; ++j) {
-        const auto at = static_cast<std::size_t>(qh * cap + j);
-        if (j >= m.len(qh / g)) {
-          CHECK(sums[at] == kSentinel);
-          continue;
-        }
-        INFO("q-head " << qh << " slot " << j << " position " << m.position(qh / g, j));
-        // Logits up to ~200 nats: fp32 rounding of the scaled logit alone is ~1e-5 relative.
-        CHECK(close(sums[at], ref.sums[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 5e-5, 1e-7));
-        CHECK(close(sumsq[at], ref.sumsq[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 1e-4, 1e-7));
-      }
+    for_each_output_slot(
+        m, cap, [&](std::size_t at) { CHECK(sums[at] == kSentinel); },
+        [&](std::int64_t qh, std::int64_t j, std::size_t at) {
+          INFO("q-head " << qh << " slot " << j << " position " << m.position(qh / g, j));
+          // Logits up to ~200 nats: fp32 rounding of the scaled logit alone is ~1e-5 relative.
+          CHECK(close(sums[at], ref.sums[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 5e-5, 1e-7));
+          CHECK(close(sumsq[at], ref.sumsq[static_cast<std::size_t>(qh)][static_cast<std::size_t>(j)], 1e-4, 1e-7));
+        });
   }
 }
 
@@ -300,22 +308,18 @@ TEST_CASE("window_column_stats_from_probs sums given probability rows and their 
     b.reserve(m.shape());
     std::vector<float> sums(static_cast<std::size_t>(m.q * cap), kSentinel), sumsq(sums.size(), kSentinel);
     b.window_column_stats_from_probs(m.view(), probs.data(), nq, stride, sums.data(), sumsq.data());
-    for (std::int64_t qh = 0; qh < m.q; ++qh)
-      for (std::int64_t j = 0; j < cap; ++j) {
-        const auto at = static_cast<std::size_t>(qh * cap + j);
-        if (j >= m.len(qh / g)) {
-          CHECK(sums[at] == kSentinel);
-          continue;
-        }
-        double s = 0.0, sq = 0.0;
-        for (std::int64_t i = 0; i < nq; ++i) {
-          const double p = probs[static_cast<std::size_t>((qh * nq + i) * stride + j)];
-          s += p;
-          sq += p * p;
-        }
-        CHECK(close(sums[at], s, 1e-5, 1e-7));
-        CHECK(close(sumsq[at], sq, 1e-5, 1e-7));
-      }
+    for_each_output_slot(
+        m, cap, [&](std::size_t at) { CHECK(sums[at] == kSentinel); },
+        [&](std::int64_t qh, std::int64_t j, std::size_t at) {
+          double s = 0.0, sq = 0.0;
+          for (std::int64_t i = 0; i < nq; ++i) {
+            const double p = probs[static_cast<std::size_t>((qh * nq + i) * stride + j)];
+            s += p;
+            sq += p * p;
+          }
+          CHECK(close(sums[at], s, 1e-5, 1e-7));
+          CHECK(close(sumsq[at], sq, 1e-5, 1e-7));
+        });
   }
 }
 
