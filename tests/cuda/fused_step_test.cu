@@ -3,6 +3,7 @@
 // primitives, its all-or-nothing rejection of bad steps, H2O taking that path through a policy;
 // and the in-place compaction kernel under the plans that make its work items wait on each
 // other (long shifts, repeated calls on one backend, large capacity).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <cstdint>
@@ -396,6 +397,259 @@ TEST_CASE("compact on CUDA stays exact when work items wait on each other, over 
       t.require_same_state("compact round " + std::to_string(round));
       extras.require_same("compact round " + std::to_string(round));
       for (std::int64_t h = 0; h < c.num_kv_heads; ++h) t.lens[static_cast<std::size_t>(h)] = keep_count[static_cast<std::size_t>(h)];
+    }
+  }
+}
+
+
+// ---- attend_evict_one: the step folded into the attention's launches ----
+
+// The message of the E that `fn` throws (a test failure when it throws nothing).
+template <class E, class F>
+std::string message_of(F&& fn) {
+  try {
+    fn();
+  } catch (const E& e) {
+    return e.what();
+  }
+  FAIL("no exception thrown");
+  return {};
+}
+
+// One layer's attention inputs and outputs on the device.
+struct AttentionIo {
+  AttentionIo(Rng& rng, const LayerCase& c)
+      : q(to_device(random_floats(rng, c.num_q_heads * c.head_dim, -2.0f, 2.0f))),
+        probs(c.num_q_heads * c.capacity),
+        out(c.num_q_heads * c.head_dim),
+        scale(1.0f / std::sqrt(static_cast<float>(c.head_dim))) {}
+  DecodeAttention attention() { return {q.data(), scale, probs.data(), out.data()}; }
+  cuda::DeviceBuffer<float> q, probs, out;
+  float scale;
+};
+
+// Everything the two GPU paths may write, compared bit for bit (NaN sums as "both NaN").
+void require_same_gpu_state(TwinLayer& a, TwinLayer& b, const std::vector<cuda::DeviceBuffer<float>*>& a_arrays,
+                            const std::vector<cuda::DeviceBuffer<float>*>& b_arrays, const std::string& what) {
+  require_identical(to_host(b.d_positions), to_host(a.d_positions), what + ": positions");
+  require_identical(to_host(b.d_keys), to_host(a.d_keys), what + ": keys");
+  require_identical(to_host(b.d_values), to_host(a.d_values), what + ": values");
+  for (std::size_t i = 0; i < a_arrays.size(); ++i)
+    require_identical(canonical_nans(to_host(*b_arrays[i])), canonical_nans(to_host(*a_arrays[i])),
+                      what + ": array " + std::to_string(i));
+}
+
+TEST_CASE("attend_evict_one on CUDA equals attend followed by evict_one on CUDA, bit for bit", "[cuda][parity][fused]") {
+  if (!device_available()) return;
+  std::vector<LayerCase> cases = parity_cases();
+  cases.push_back({2, 16, 64, 700, 0, false, 31});  // G = 8: the largest group folded into the attention
+  cases.push_back({2, 8, 256, 300, 0, false, 32});  // more words per slot than one round of preloaded moves
+  for (const LayerCase& c : cases) {
+    if (c.empty_head) continue;  // every head must have an entry to evict
+    for (const GroupAgg agg : {GroupAgg::mean, GroupAgg::max, GroupAgg::sum}) {
+      for (const int mode : {0, 1, 2}) {  // 0: scores, 1: scores with NaN sums, 2: recency (no scores)
+        for (const int rule_kind : {0, 1}) {
+          CAPTURE(c, static_cast<int>(agg), mode, rule_kind);
+          TwinLayer two(c), one(c);  // the same seed: identical layers
+          CudaBackend gpu_two, gpu_one;
+          gpu_two.reserve(c.shape());
+          gpu_one.reserve(c.shape());
+          StepData d_two(two.rng(), c, mode == 1), d_one(one.rng(), c, mode == 1);
+          const ProtectRule rule = rule_kind == 0 ? ProtectRule{0, INT64_MAX}
+                                                  : ProtectRule{4, std::max<std::int64_t>(5, two.max_position() - 16)};
+          if (!every_head_has_victim(two, rule)) continue;
+          TwinExtras e_two(two.rng(), c, {1, 2, 1, 3, 1, 2}), e_one(one.rng(), c, {1, 2, 1, 3, 1, 2});
+          AttentionIo io_two(two.rng(), c), io_one(one.rng(), c);
+          std::vector<SlotExtra> x_two = e_two.gpu, x_one = e_one.gpu;
+          DecodeEviction s_two, s_one;
+          if (mode != 2) {
+            x_two.insert(x_two.begin(), SlotExtra{d_two.d_scores.data(), c.group_size()});
+            x_one.insert(x_one.begin(), SlotExtra{d_one.d_scores.data(), c.group_size()});
+            s_two = gpu_step(&d_two, c.capacity, agg, rule);
+            s_one = gpu_step(&d_one, c.capacity, agg, rule);
+            s_two.probs = io_two.probs.data();
+            s_one.probs = io_one.probs.data();
+          } else {
+            s_two = s_one = gpu_step(nullptr, c.capacity, agg, rule);
+          }
+          gpu_two.attend(two.gpu_view(), io_two.q.data(), io_two.scale, io_two.probs.data(), io_two.out.data());
+          gpu_two.evict_one(two.gpu_view(), s_two, x_two);
+          gpu_one.attend_evict_one(one.gpu_view(), io_one.attention(), s_one, x_one);
+          std::vector<cuda::DeviceBuffer<float>*> a_two{&io_two.probs, &io_two.out, &d_two.d_scores};
+          std::vector<cuda::DeviceBuffer<float>*> a_one{&io_one.probs, &io_one.out, &d_one.d_scores};
+          for (std::size_t i = 0; i < e_two.device.size(); ++i) {
+            a_two.push_back(&e_two.device[i]);
+            a_one.push_back(&e_one.device[i]);
+          }
+          require_same_gpu_state(two, one, a_two, a_one, "attend_evict_one");
+          REQUIRE(to_host(two.d_positions) != two.positions);  // the step did evict (the host copy is the start)
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("attend_evict_one on CUDA rejects a non-finite logit, immediately or deferred, and changes nothing of the step",
+          "[cuda][contract][fused]") {
+  if (!device_available()) return;
+  const LayerCase c{4, 16, 64, 1500, 0, false, 79};
+  TwinLayer t(c);
+  CudaBackend gpu;
+  gpu.reserve(c.shape());
+  StepData data(t.rng(), c, false);
+  AttentionIo io(t.rng(), c);
+  const ProtectRule rule{4, std::max<std::int64_t>(5, t.max_position() - 16)};
+  const std::vector<SlotExtra> extras{SlotExtra{data.d_scores.data(), c.group_size()}};
+  DecodeEviction step = gpu_step(&data, c.capacity, GroupAgg::mean, rule);
+  step.probs = io.probs.data();
+  const std::vector<float> q = to_host(io.q);
+  for (const bool deferred : {false, true}) {
+    gpu.defer_step_errors(deferred);
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      CAPTURE(deferred, bad);
+      std::vector<float> bad_q = q;
+      bad_q[static_cast<std::size_t>(9 * c.head_dim + 3)] = bad;  // one q-head of kv-head 2
+      upload(io.q, bad_q);
+      if (!deferred) {
+        const std::string message = message_of<NonFiniteError>([&] { gpu.attend_evict_one(t.gpu_view(), io.attention(), step, extras); });
+        CHECK_THAT(message, Catch::Matchers::Contains("'q'"));
+      } else {
+        REQUIRE_NOTHROW(gpu.attend_evict_one(t.gpu_view(), io.attention(), step, extras));
+      }
+      t.require_same_state("after the rejected step");  // no entry moved
+      require_identical(to_host(data.d_scores), data.scores, "sums after the rejected step");
+      if (deferred) {
+        std::string message;
+        try {
+          gpu.check_step_errors();
+        } catch (const NonFiniteError& e) {
+          message = e.what();
+        }
+        CHECK_THAT(message, Catch::Matchers::Contains("deferred decode step") && Catch::Matchers::Contains("left out its newest entry"));
+        REQUIRE_NOTHROW(gpu.check_step_errors());  // thrown once
+      }
+    }
+  }
+  // The flags hold no stale verdict: a valid step afterwards equals attend + evict_one.
+  upload(io.q, q);
+  TwinLayer ref(c);
+  CudaBackend gpu_ref;
+  gpu_ref.reserve(c.shape());
+  StepData ref_data(ref.rng(), c, false);
+  AttentionIo ref_io(ref.rng(), c);
+  DecodeEviction ref_step = gpu_step(&ref_data, c.capacity, GroupAgg::mean, rule);
+  ref_step.probs = ref_io.probs.data();
+  gpu_ref.attend(ref.gpu_view(), ref_io.q.data(), ref_io.scale, ref_io.probs.data(), ref_io.out.data());
+  gpu_ref.evict_one(ref.gpu_view(), ref_step, std::vector<SlotExtra>{SlotExtra{ref_data.d_scores.data(), c.group_size()}});
+  gpu.attend_evict_one(t.gpu_view(), io.attention(), step, extras);
+  gpu.check_step_errors();
+  require_same_gpu_state(ref, t, {&ref_io.probs, &ref_io.out, &ref_data.d_scores}, {&io.probs, &io.out, &data.d_scores},
+                         "a valid step after the rejections");
+
+  // A rule protecting everything leaves no victim: nothing moves and InvariantError names the head.
+  TwinLayer u(c);
+  CudaBackend gpu_u;
+  gpu_u.reserve(c.shape());
+  AttentionIo io_u(u.rng(), c);
+  DecodeEviction recency = gpu_step(nullptr, c.capacity, GroupAgg::mean, ProtectRule{INT64_MAX, INT64_MAX});
+  const std::string message = message_of<InvariantError>([&] { gpu_u.attend_evict_one(u.gpu_view(), io_u.attention(), recency, {}); });
+  CHECK_THAT(message, Catch::Matchers::Contains("kv_head' = 0"));
+  u.require_same_state("after a step without victims");
+}
+
+TEST_CASE("H2O and StreamingLLM attend_and_decode on CUDA equal attend + on_decode step after step, deferred or not",
+          "[cuda][policy][fused]") {
+  if (!device_available()) return;
+  using GpuCache = KVCache<CudaBackend>;
+  for (const CacheShape& shape : {CacheShape{2, 2, 8, 32, 96}, CacheShape{1, 1, 16, 64, 80}}) {  // G = 4; G = 16 (two calls)
+    for (const bool deferred : {false, true}) {
+      for (const bool h2o : {true, false}) {
+        CAPTURE(shape.num_q_heads, deferred, h2o);
+        GpuCache a(shape), b(shape);
+        b.backend().defer_step_errors(deferred);
+        H2O<GpuCache> ha(a, H2OConfig{24, 40, GroupAgg::max}), hb(b, H2OConfig{24, 40, GroupAgg::max});
+        StreamingLLM<GpuCache> sa(a, StreamingLLMConfig{4, 60}), sb(b, StreamingLLMConfig{4, 60});
+        Rng rng(40 + static_cast<std::uint64_t>(shape.num_q_heads));
+        const std::int64_t qn = shape.num_q_heads * shape.head_dim;
+        cuda::DeviceBuffer<float> probs_a(shape.num_q_heads * shape.capacity), probs_b(shape.num_q_heads * shape.capacity);
+        cuda::DeviceBuffer<float> out_a(qn), out_b(qn);
+        auto push = [&](std::int64_t layer, std::int64_t tokens) {
+          const auto k = to_device(random_floats(rng, shape.num_kv_heads * tokens * shape.head_dim));
+          const auto v = to_device(random_floats(rng, shape.num_kv_heads * tokens * shape.head_dim));
+          const auto n = k.size();
+          a.append(layer, CudaSpan<const float>{k.data(), n}, CudaSpan<const float>{v.data(), n}, tokens);
+          b.append(layer, CudaSpan<const float>{k.data(), n}, CudaSpan<const float>{v.data(), n}, tokens);
+        };
+        for (std::int64_t layer = 0; layer < shape.num_layers; ++layer) {
+          push(layer, 64);
+          if (h2o) {  // prefill: the prompt's last query seeds the sums
+            const auto q = to_device(random_floats(rng, qn, -2.0f, 2.0f));
+            a.backend().attend(a.view(layer), q.data(), 0.125f, probs_a.data(), out_a.data());
+            const auto obs = Observation<float, CudaSpace>::from_probs({probs_a.data(), probs_a.size()}, 1, shape.capacity);
+            ha.on_prefill(a, layer, obs);
+            hb.on_prefill(b, layer, obs);
+          }
+        }
+        for (std::int64_t step = 0; step < 30; ++step) {
+          for (std::int64_t layer = 0; layer < shape.num_layers; ++layer) {
+            CAPTURE(step, layer);
+            push(layer, 1);
+            const auto q = to_device(random_floats(rng, qn, -2.0f, 2.0f));
+            const float scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+            a.backend().attend(a.view(layer), q.data(), scale, probs_a.data(), out_a.data());
+            const auto obs = Observation<float, CudaSpace>::from_probs({probs_a.data(), probs_a.size()}, 1, shape.capacity);
+            const CudaSpan<const float> qs{q.data(), qn};
+            if (h2o) {
+              ha.on_decode(a, layer, obs);
+              hb.attend_and_decode(b, layer, qs, 0.0f, {probs_b.data(), probs_b.size()}, {out_b.data(), qn});
+            } else {
+              sa.on_decode(a, layer, Observation<float, CudaSpace>::none());
+              sb.attend_and_decode(b, layer, qs, 0.0f, {probs_b.data(), probs_b.size()}, {out_b.data(), qn});
+            }
+            require_identical(to_host(out_b), to_host(out_a), "attention output");
+            require_identical(to_host(probs_b), to_host(probs_a), "probabilities");
+            for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) {
+              REQUIRE(b.len(layer, h) == a.len(layer, h));
+              REQUIRE(b.positions(layer, h) == a.positions(layer, h));  // the same slots, not only the same set
+            }
+            if (h2o)
+              require_identical(to_host(hb.scorer().q_head_scores(layer), shape.num_q_heads * shape.capacity),
+                                to_host(ha.scorer().q_head_scores(layer), shape.num_q_heads * shape.capacity), "sums");
+          }
+        }
+        REQUIRE(a.len(0, 0) == 64);  // the steps did evict
+        REQUIRE(a.state_hash() == b.state_hash());
+        REQUIRE_NOTHROW(b.backend().check_step_errors());
+
+        // A NaN query. H2O rejects the step and changes nothing of it (deferred: the appended
+        // token is the one left out, the error surfaces at check_step_errors); StreamingLLM reads
+        // no probabilities and evicts as usual.
+        const auto before = b.positions(0, 0);
+        push(0, 1);
+        auto bad = random_floats(rng, qn);
+        bad[7] = std::numeric_limits<float>::quiet_NaN();
+        const auto q = to_device(bad);
+        const auto call = [&] {
+          if (h2o)
+            hb.attend_and_decode(b, 0, {q.data(), qn}, 0.0f, {probs_b.data(), probs_b.size()}, {out_b.data(), qn});
+          else
+            sb.attend_and_decode(b, 0, {q.data(), qn}, 0.0f, {probs_b.data(), probs_b.size()}, {out_b.data(), qn});
+        };
+        if (h2o && !deferred) {
+          REQUIRE_THROWS_AS(call(), NonFiniteError);
+          const auto after = b.positions(0, 0);
+          REQUIRE(after.size() == before.size() + 1);  // the appended token is still there, nothing moved
+          REQUIRE(std::equal(before.begin(), before.end(), after.begin()));
+        } else if (h2o) {
+          REQUIRE_NOTHROW(call());
+          REQUIRE(b.positions(0, 0) == before);
+          REQUIRE_THROWS_AS(b.backend().check_step_errors(), NonFiniteError);
+        } else {
+          REQUIRE_NOTHROW(call());
+          REQUIRE(b.positions(0, 0) != before);  // the oldest unsunk entry gave its slot to the new token
+          REQUIRE_NOTHROW(b.backend().check_step_errors());
+        }
+      }
     }
   }
 }

@@ -468,3 +468,71 @@ TEST_CASE("H2O reports entries, bytes and its score state per (layer, kv_head)",
   REQUIRE(r.state_bytes == (2 * 8 * 16 + 2 * 16) * static_cast<std::int64_t>(sizeof(float)));
   STATIC_REQUIRE(EvictionPolicy<H2O<Cache>, Cache>);
 }
+
+TEST_CASE("H2O's attend_and_decode equals the backend's attend followed by on_decode, and rejects bad arguments "
+          "leaving the cache as it was",
+          "[policies][h2o]") {
+  const CacheShape shape{2, 2, 8, 16, 48};
+  Cache a(shape), b(shape);
+  H2O<Cache> pa(a, H2OConfig{12, 20}), pb(b, H2OConfig{12, 20});
+  const std::int64_t qn = shape.num_q_heads * shape.head_dim;
+  std::vector<float> probs_a(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 0.0f), probs_b = probs_a;
+  std::vector<float> out_a(static_cast<std::size_t>(qn), 0.0f), out_b = out_a;
+  auto span = [](std::vector<float>& v) { return HostSpan<float>{v.data(), static_cast<std::int64_t>(v.size())}; };
+  for (std::int64_t layer = 0; layer < 2; ++layer) {
+    test::append_source(a, 3, layer, 30);
+    test::append_source(b, 3, layer, 30);
+    const auto q = test::source_block(3, test::Stream::query, layer, shape.num_q_heads, 0, 30, shape.head_dim);
+    pa.on_prefill(a, layer, Obs::from_queries(test::cspan(q), 30));
+    pb.on_prefill(b, layer, Obs::from_queries(test::cspan(q), 30));
+  }
+  for (std::int64_t step = 0; step < 25; ++step) {
+    for (std::int64_t layer = 0; layer < 2; ++layer) {
+      CAPTURE(step, layer);
+      test::append_source(a, 3, layer, 1);
+      test::append_source(b, 3, layer, 1);
+      const auto q = test::source_block(3, test::Stream::query, layer, shape.num_q_heads, a.next_position(layer) - 1, 1,
+                                        shape.head_dim);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+      a.backend().attend(a.view(layer), q.data(), scale, probs_a.data(), out_a.data());
+      pa.on_decode(a, layer, Obs::from_probs(test::cspan(probs_a), 1, shape.capacity));
+      pb.attend_and_decode(b, layer, test::cspan(q), 0.0f, span(probs_b), span(out_b));  // 0: 1/sqrt(head_dim)
+      REQUIRE(out_b == out_a);
+      REQUIRE(probs_b == probs_a);
+      for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) {
+        REQUIRE(b.len(layer, h) == std::min<std::int64_t>(32, 31 + step));
+        REQUIRE(b.positions(layer, h) == a.positions(layer, h));  // the same slots, not only the same set
+      }
+      const float* sa = pa.scorer().q_head_scores(layer);
+      const float* sb = pb.scorer().q_head_scores(layer);
+      REQUIRE(std::equal(sa, sa + shape.num_q_heads * shape.capacity, sb));
+    }
+  }
+
+  // Bad arguments: the typed error names the argument; the cache, the scores and the outputs stay.
+  test::append_source(b, 3, 0, 1);
+  const auto q = test::source_block(3, test::Stream::query, 0, shape.num_q_heads, b.next_position(0) - 1, 1, shape.head_dim);
+  const std::uint64_t before = b.state_hash();
+  const std::vector<float> scores_before(pb.scorer().q_head_scores(0), pb.scorer().q_head_scores(0) + shape.num_q_heads * shape.capacity);
+  const auto out_before = out_b;
+  std::vector<float> short_probs(probs_b.size() - 1), short_out(out_b.size() - 1);
+  const std::vector<float> short_q(q.begin(), q.end() - 1);
+  test::require_throws_exactly<ShapeError>([&] { pb.attend_and_decode(b, 0, test::cspan(short_q), 0.0f, span(probs_b), span(out_b)); }, "q.size");
+  test::require_throws_exactly<ShapeError>([&] { pb.attend_and_decode(b, 0, test::cspan(q), 0.0f, span(short_probs), span(out_b)); }, "probs.size");
+  test::require_throws_exactly<ShapeError>([&] { pb.attend_and_decode(b, 0, test::cspan(q), 0.0f, span(probs_b), span(short_out)); }, "out.size");
+  for (const float bad : {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()})
+    test::require_throws_exactly<ArgumentError>([&] { pb.attend_and_decode(b, 0, test::cspan(q), bad, span(probs_b), span(out_b)); }, "scale");
+  test::require_throws_exactly<ArgumentError>([&] { pb.attend_and_decode(b, 2, test::cspan(q), 0.0f, span(probs_b), span(out_b)); }, "layer");
+  REQUIRE(out_b == out_before);  // the argument errors are raised before the attention runs
+  auto nan_q = q;  // a NaN query: attended, then rejected by the step's probability check
+  nan_q[5] = std::numeric_limits<float>::quiet_NaN();
+  test::require_throws_exactly<NonFiniteError>([&] { pb.attend_and_decode(b, 0, test::cspan(nan_q), 0.0f, span(probs_b), span(out_b)); }, "probs");
+  REQUIRE(b.state_hash() == before);
+  REQUIRE(std::equal(scores_before.begin(), scores_before.end(), pb.scorer().q_head_scores(0)));
+  Cache empty(shape);
+  H2O<Cache> pe(empty, H2OConfig{12, 20});
+  test::require_throws_exactly<EmptyCacheError>([&] { pe.attend_and_decode(empty, 0, test::cspan(q), 0.0f, span(probs_b), span(out_b)); }, "layer");
+  // The valid call still goes through: one entry in, one out.
+  pb.attend_and_decode(b, 0, test::cspan(q), 0.0f, span(probs_b), span(out_b));
+  for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) REQUIRE(b.len(0, h) == 32);
+}

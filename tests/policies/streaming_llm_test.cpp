@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "kvevict/kvevict.hpp"
@@ -353,4 +354,29 @@ TEST_CASE("StreamingLLM reports its entries and bytes per (layer, kv_head)", "[p
   REQUIRE(r.kv_bytes == 33 * 2 * 8 * static_cast<std::int64_t>(sizeof(float)));
   REQUIRE(r.state_bytes == 0);
   STATIC_REQUIRE(EvictionPolicy<StreamingLLM<Cache>, Cache>);
+}
+
+TEST_CASE("StreamingLLM's attend_and_decode attends and keeps ref::streaming_llm_keep, even for a non-finite query it "
+          "does not read",
+          "[policies][streaming_llm]") {
+  const CacheShape shape{1, 2, 4, 8, 21};
+  Cache cache(shape);
+  StreamingLLM<Cache> policy(cache, StreamingLLMConfig{4, 16});
+  std::vector<float> probs(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 0.0f);
+  std::vector<float> out(static_cast<std::size_t>(shape.num_q_heads * shape.head_dim), 0.0f), ref_out = out;
+  std::vector<float> ref_probs = probs;
+  test::append_source(cache, 9, 0, 12);
+  policy.on_prefill(cache, 0, Obs::none());
+  for (std::int64_t t = 12; t < 40; ++t) {
+    CAPTURE(t);
+    test::append_source(cache, 9, 0, 1);
+    auto q = test::source_block(9, test::Stream::query, 0, shape.num_q_heads, t, 1, shape.head_dim);
+    if (t == 30) q[3] = std::numeric_limits<float>::quiet_NaN();  // the recency rule reads no probabilities
+    cache.backend().attend(cache.view(0), q.data(), 0.5f, ref_probs.data(), ref_out.data());
+    policy.attend_and_decode(cache, 0, test::cspan(q), 0.5f, {probs.data(), static_cast<std::int64_t>(probs.size())},
+                             {out.data(), static_cast<std::int64_t>(out.size())});
+    // The attention ran over the cache as it was before the eviction: the same output as attend.
+    REQUIRE(std::equal(out.begin(), out.end(), ref_out.begin(), [](float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); }));
+    require_all_heads_keep(cache, ref::streaming_llm_keep(t + 1, 4, 16));
+  }
 }

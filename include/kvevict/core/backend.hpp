@@ -88,3 +88,16 @@ concept DecodeEvictionBackend =
     };
 
 }  // namespace kvevict
+
+namespace kvevict {
+
+// A backend that folds a decode step's eviction into the attention it computes for that step
+// (attend + evict_one with the same results, the eviction costing no launch of its own). For
+// engines that use the backend's attention; TopKEvictionPolicy::attend_and_decode takes it.
+template <class B>
+concept AttentionEvictionBackend =
+    DecodeEvictionBackend<B> &&
+    requires(B& b, const LayerView<float>& v, const DecodeAttention& att, const DecodeEviction& step,
+             std::span<const SlotExtra> extras) { b.attend_evict_one(v, att, step, extras); };
+
+}  // namespace kvevict

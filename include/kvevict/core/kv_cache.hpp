@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -184,16 +185,27 @@ class KVCache {
     requires DecodeEvictionBackend<B>
   {
     constexpr const char* where = "KVCache::apply(DecodeEviction)";
-    check_layer(where, layer);
-    if (step.probs != nullptr && (step.q_scores == nullptr || step.fresh_from == nullptr))
-      detail::fail<ArgumentError>(where, "step.q_scores", "null", "scores and fresh_from must be set with probs");
-    if (step.probs != nullptr && step.probs_stride < max_len(layer))
-      detail::fail<ShapeError>(where, "step.probs_stride", step.probs_stride,
-                               "must be >= the layer's longest head (" + std::to_string(max_len(layer)) + ")");
-    for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h)
-      if (lens_[idx(layer, h)] == 0)
-        detail::fail<EmptyCacheError>(where, "kv_head", h, "has no entry to evict");
+    check_decode_eviction(where, layer, step);
     backend_.evict_one(make_view(layer), step, extras);
+    for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h) lens_[idx(layer, h)] -= 1;
+  }
+
+  // The step's attention and its eviction in one backend call (AttentionEvictionBackend only):
+  // `att` receives attend's probabilities and output, then every kv-head loses one entry as
+  // apply(layer, step) would do it, with the same errors (a non-finite attention logit is a
+  // NonFiniteError), the same all-or-nothing rule and the same deferred verdicts.
+  void apply(std::int64_t layer, const DecodeAttention& att, const DecodeEviction& step,
+             std::span<const SlotExtra> extras = {})
+    requires AttentionEvictionBackend<B>
+  {
+    constexpr const char* where = "KVCache::apply(DecodeAttention, DecodeEviction)";
+    check_decode_eviction(where, layer, step);
+    if (att.q == nullptr) detail::fail<ArgumentError>(where, "att.q", "null", "must point at [q_head, head_dim] queries");
+    if (att.probs == nullptr) detail::fail<ArgumentError>(where, "att.probs", "null", "must point at [q_head, capacity] workspace");
+    if (att.out == nullptr) detail::fail<ArgumentError>(where, "att.out", "null", "must point at [q_head, head_dim] outputs");
+    if (!(att.scale > 0.0f) || !std::isfinite(att.scale))
+      detail::fail<ArgumentError>(where, "att.scale", att.scale, "must be finite and > 0");
+    backend_.attend_evict_one(make_view(layer), att, step, extras);
     for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h) lens_[idx(layer, h)] -= 1;
   }
 
@@ -292,6 +304,18 @@ class KVCache {
 
   [[nodiscard]] std::size_t idx(std::int64_t layer, std::int64_t h) const noexcept {
     return static_cast<std::size_t>(layer * shape_.num_kv_heads + h);
+  }
+  // What every single-eviction decode step needs of the cache and of its DecodeEviction.
+  void check_decode_eviction(const char* where, std::int64_t layer, const DecodeEviction& step) const {
+    check_layer(where, layer);
+    if (step.probs != nullptr && (step.q_scores == nullptr || step.fresh_from == nullptr))
+      detail::fail<ArgumentError>(where, "step.q_scores", "null", "scores and fresh_from must be set with probs");
+    if (step.probs != nullptr && step.probs_stride < max_len(layer))
+      detail::fail<ShapeError>(where, "step.probs_stride", step.probs_stride,
+                               "must be >= the layer's longest head (" + std::to_string(max_len(layer)) + ")");
+    for (std::int64_t h = 0; h < shape_.num_kv_heads; ++h)
+      if (lens_[idx(layer, h)] == 0)
+        detail::fail<EmptyCacheError>(where, "kv_head", h, "has no entry to evict");
   }
   void check_layer(const char* where, std::int64_t layer) const {
     if (layer < 0 || layer >= shape_.num_layers)

@@ -36,4 +36,15 @@ struct DecodeEviction {
   ProtectRule rule{};
 };
 
+// The engine's decode attention, run together with a DecodeEviction by an
+// AttentionEvictionBackend: out[qh] = sum_j probs[qh, j] V[qh/G, j] with probs[qh, j] =
+// softmax_j(q[qh] . K[qh/G, j] * scale) over the live slots (the step's token appended). When the
+// step scores with probabilities, they are these: step.probs == probs, step.probs_stride == capacity.
+struct DecodeAttention {
+  const float* q = nullptr;  // backend memory [q_head, head_dim]
+  float scale = 0.0f;
+  float* probs = nullptr;    // backend memory [q_head, capacity], receives the probabilities
+  float* out = nullptr;      // backend memory [q_head, head_dim]
+};
+
 }  // namespace kvevict

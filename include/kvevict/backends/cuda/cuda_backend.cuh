@@ -31,6 +31,7 @@
 
 #include "kvevict/backends/cuda/cuda_check.cuh"
 #include "kvevict/backends/cuda/detail/append.cuh"
+#include "kvevict/backends/cuda/detail/attend_evict.cuh"
 #include "kvevict/backends/cuda/detail/attention.cuh"
 #include "kvevict/backends/cuda/detail/column_sums.cuh"
 #include "kvevict/backends/cuda/detail/decode_evict.cuh"
@@ -109,6 +110,8 @@ class CudaBackend {
     Sizes need;
     need.compact_items = shape.num_kv_heads * shape.capacity;  // work items of one slot at the least
     need.evict_partials = shape.num_kv_heads * cuda::detail::ceil_div(shape.capacity, cuda::detail::kEvictChunk);
+    need.attend_partials =
+        shape.num_kv_heads * cuda::detail::ceil_div(shape.capacity, cuda::detail::kScoreChunk<cuda::detail::kAttendThreads>);
     need.logits = shape.num_q_heads * shape.capacity;
     need.stats = 2 * shape.num_q_heads * shape.capacity;
     need.partial = shape.num_q_heads * cuda::detail::ceil_div(shape.capacity, cuda::detail::kAttendChunk) * shape.head_dim;
@@ -148,7 +151,7 @@ class CudaBackend {
     constexpr const char* where = "CudaBackend::attention_probs";
     const auto layer = cuda::detail::make_device_layer(where, v);
     cuda::detail::launch_group_logits({layer, q, v.head_dim, scale, INT64_MAX, probs, v.capacity}, stream_, where);
-    cuda::detail::launch_softmax_rows({layer, probs, v.capacity, nullptr, 0, {}, false}, stream_, where);
+    cuda::detail::launch_softmax_rows({layer, probs, v.capacity, nullptr, 0, {}, false, nullptr, 0}, stream_, where);
   }
 
   // Reference attention: out[qh] = sum_j probs[qh, j] V[qh/G, j]; probs_ws receives the
@@ -197,7 +200,7 @@ class CudaBackend {
         cuda::detail::launch_group_logits({layer, queries + i * v.head_dim, num_queries * v.head_dim, scale,
                                            first_pos + i, logits_.data(), v.capacity},
                                           stream_, where);
-        cuda::detail::launch_softmax_rows({layer, logits_.data(), v.capacity, scores, v.capacity, fresh, i == 0},
+        cuda::detail::launch_softmax_rows({layer, logits_.data(), v.capacity, scores, v.capacity, fresh, i == 0, nullptr, 0},
                                           stream_, where);
       }
       return;
@@ -394,6 +397,84 @@ class CudaBackend {
         kvevict::detail::fail<InvariantError>(where, "kv_head", host_status_.data()[1],
                                               "has no unprotected entry to evict");
     });
+  }
+
+  // attend followed by evict_one, the step folded into the attention's launches (no launch, no
+  // pass over the cache of its own): results, errors and deferred verdicts are evict_one's, and
+  // probs/out are attend's, bit for bit. The step scores with the attention's probabilities
+  // (step.probs == att.probs, stride capacity) or by recency (step.probs == nullptr). A group of
+  // more than kGroupBatch q-heads, or a step scoring other probabilities, runs the two calls.
+  // Not finite: a NaN/Inf in the attention's logits or no finite logit (NonFiniteError, nothing
+  // of the step written). Precondition (KVCache::apply checks): every head holds an entry; every
+  // head holds an unprotected one when positions are unique and below the next position (a head
+  // without one moves nothing and reports InvariantError, its sums added).
+  void attend_evict_one(const LayerView<float>& v, const DecodeAttention& att, const DecodeEviction& step,
+                        std::span<const SlotExtra> extras) {
+    constexpr const char* where = "CudaBackend::attend_evict_one";
+    const auto layer = cuda::detail::make_device_layer(where, v);
+    const bool scores_these = step.probs == nullptr || (step.probs == att.probs && step.probs_stride == v.capacity);
+    if (layer.group_size > cuda::detail::kGroupBatch || !scores_these || layer.max_len == 0) {
+      attend(v, att.q, att.scale, att.probs, att.out);
+      evict_one(v, step, extras);
+      return;
+    }
+    if (defer_) throw_deferred(where);  // an earlier step's rejection, if its kernel has finished
+    cuda::detail::AttendEvictParams p{};
+    if (step.probs != nullptr) {
+      cuda::require_device_pointer(where, "step.q_scores", step.q_scores);
+      if (step.fresh_from == nullptr)
+        kvevict::detail::fail<ArgumentError>(where, "step.fresh_from", "null", "must point at [kv_head] host counts");
+      p.fresh_from = clamp_fresh(v, step.fresh_from);
+      p.q_scores = step.q_scores;
+    }
+    const std::int64_t max_chunks = partial_.size() / (v.num_q_heads * v.head_dim);
+    const std::int64_t chunks = cuda::detail::ceil_div(layer.max_len, cuda::detail::kAttendChunk);
+    require_workspace(where, "attend partial sums", chunks, max_chunks);
+    p.chunks_per_head = static_cast<std::int32_t>(
+        cuda::detail::ceil_div(v.capacity, cuda::detail::kScoreChunk<cuda::detail::kAttendThreads>));
+    require_workspace(where, "attention eviction candidates", v.num_kv_heads * p.chunks_per_head, sizes_.attend_partials);
+    ensure_status();
+    attend_steps_ = attend_steps_ == INT32_MAX ? 1 : attend_steps_ + 1;  // an id the flag does not hold
+    p.attend = {layer, att.probs, v.capacity, partial_.data(), max_chunks, att.out};
+    p.agg = step.agg;
+    p.sink_end = step.rule.sink_end;
+    p.recent_begin = step.rule.recent_begin;
+    p.partials = attend_partials_.data();
+    p.nonfinite = attend_nonfinite_.data();
+    p.step_id = attend_steps_;
+    p.victims = evict_victims_.data();
+    p.status = status_.data();
+    if (defer_) {
+      p.deferred = deferred_device_;
+      p.deferred_step = static_cast<std::int32_t>(++deferred_steps_ & 0x7fffffff);
+    }
+    cuda::detail::launch_group_logits({layer, att.q, v.head_dim, att.scale, INT64_MAX, att.probs, v.capacity}, stream_, where);
+    cuda::detail::launch_softmax_rows({layer, att.probs, v.capacity, nullptr, 0, {}, false, attend_nonfinite_.data(), attend_steps_},
+                                      stream_, where);
+    cuda::detail::MoveParams moves{};
+    moves.num_kv_heads = layer.num_kv_heads;
+    moves.capacity = v.capacity;
+    moves.victims = evict_victims_.data();
+    moves.lens = layer.lens;
+    bool first_group = true;
+    for_each_array_group(v, extras, moves, [&](cuda::detail::MoveParams& group, std::int64_t /*words_per_slot*/) {
+      if (!first_group) {  // arrays past the first kMaxSlotArrays: the plain replacement kernel
+        cuda::detail::launch_replace_with_last(group, stream_);
+        return;
+      }
+      first_group = false;
+      for (std::int32_t a = 0; a < group.num_arrays; ++a) p.arrays[a] = group.arrays[a];
+      p.num_arrays = group.num_arrays;
+      cuda::detail::launch_attend_evict(p, stream_);
+    });
+    if (defer_) return;
+    read_status(2, where);
+    if (host_status_.data()[0] != 0)
+      kvevict::detail::fail<NonFiniteError>(where, "q", "NaN/Inf",
+                                            "the step's attention logits must be finite (nothing of the step was written)");
+    if (host_status_.data()[1] != INT32_MAX)
+      kvevict::detail::fail<InvariantError>(where, "kv_head", host_status_.data()[1],
+                                            "has no unprotected entry to evict (positions not unique or past the next position?)");
   }
 
   // Deferred decode-step verdicts: evict_one queues its kernel and returns without reading the
@@ -604,6 +685,7 @@ class CudaBackend {
   struct Sizes {
     std::int64_t compact_items = 0;   // compaction work items (read-done flags)
     std::int64_t evict_partials = 0;  // evict_one per-chunk candidates
+    std::int64_t attend_partials = 0;  // attend_evict_one per-chunk candidates
     std::int64_t logits = 0;      // [q_head, capacity]
     std::int64_t stats = 0;       // 2 x [q_head, rows]
     std::int64_t partial = 0;     // [q_head, chunk, head_dim]
@@ -670,6 +752,8 @@ class CudaBackend {
     };
     grow(compact_read_done_, sizes_.compact_items, need.compact_items);
     grow(evict_partials_, sizes_.evict_partials, need.evict_partials);
+    grow(attend_partials_, sizes_.attend_partials, need.attend_partials);
+    if (attend_nonfinite_.size() == 0) attend_nonfinite_ = cuda::DeviceBuffer<std::int32_t>(1, stream_);
     if (compact_ticket_.size() == 0) compact_ticket_ = cuda::DeviceBuffer<unsigned long long>(1, stream_);
     if (evict_flags_.size() == 0) evict_flags_ = cuda::DeviceBuffer<std::int32_t>(1 + kMaxKvHeads, stream_);
     if (evict_victims_.size() == 0) evict_victims_ = cuda::DeviceBuffer<std::int32_t>(kMaxKvHeads, stream_);
@@ -738,6 +822,9 @@ class CudaBackend {
   cuda::DeviceBuffer<cuda::detail::EvictPartial> evict_partials_;  // [kv_head, chunk] evict_one candidates
   cuda::DeviceBuffer<std::int32_t> evict_flags_;        // [1 + kMaxKvHeads] evict_one verdict, 0 between calls
   cuda::DeviceBuffer<std::int32_t> evict_victims_;      // [kMaxKvHeads] evict_one victims
+  cuda::DeviceBuffer<cuda::detail::EvictPartial> attend_partials_;  // [kv_head, chunk] attend_evict_one candidates
+  cuda::DeviceBuffer<std::int32_t> attend_nonfinite_;   // [1] id of the last attend_evict_one step found not finite
+  std::int32_t attend_steps_ = 0;                       // attend_evict_one steps queued (the id of the last)
   int max_evict_blocks_ = -1;                           // co-resident decode_evict blocks (-1: not asked yet)
   int num_sms_ = 0;                                     // multiprocessors of the device
   cuda::DeviceBuffer<float> logits_;               // [q_head, capacity] per-query logits
@@ -760,5 +847,6 @@ class CudaBackend {
 static_assert(Backend<CudaBackend>, "CudaBackend must satisfy the kvevict::Backend concept");
 static_assert(WindowScoringBackend<CudaBackend>, "CudaBackend must satisfy kvevict::WindowScoringBackend");
 static_assert(DecodeEvictionBackend<CudaBackend>, "CudaBackend must satisfy kvevict::DecodeEvictionBackend");
+static_assert(AttentionEvictionBackend<CudaBackend>, "CudaBackend must satisfy kvevict::AttentionEvictionBackend");
 
 }  // namespace kvevict

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <concepts>
 #include <cstdint>
 #include <optional>
@@ -49,7 +50,8 @@ template <class Cache, class Scorer, class Budget = UniformBudget>
 class TopKEvictionPolicy {
  public:
   using cache_type = Cache;
-  using Obs = Observation<typename Cache::value_type, typename Cache::memory_space>;
+  using value_type = typename Cache::value_type;
+  using Obs = Observation<value_type, typename Cache::memory_space>;
 
   // Validates the configuration against the cache's shape and allocates all state, once.
   TopKEvictionPolicy(Cache& cache, std::string name, Scorer scorer, Budget budget, SinkRecentSelector selector,
@@ -81,6 +83,7 @@ class TopKEvictionPolicy {
     decode_steps_.assign(static_cast<std::size_t>(shape_.num_layers), 0);
     where_prefill_ = name_ + "::on_prefill";
     where_decode_ = name_ + "::on_decode";
+    where_attend_ = name_ + "::attend_and_decode";
     keep_slots_ = cache.backend().template allocate<std::int32_t>(shape_.num_kv_heads * shape_.capacity);
     victims_ = cache.backend().template allocate<std::int32_t>(shape_.num_kv_heads);
     keep_count_.assign(static_cast<std::size_t>(shape_.num_kv_heads), 0);
@@ -129,6 +132,43 @@ class TopKEvictionPolicy {
         break;
       case Schedule::prefill_only: break;
     }
+  }
+
+  // The engine's attention for the step's query, then on_decode with the probabilities it
+  // produced, in one call (the step's token already appended): q [q_head, head_dim]; probs
+  // [q_head, capacity] receives the probabilities, out [q_head, head_dim] the attention output;
+  // scale 0 means 1/sqrt(head_dim). On an AttentionEvictionBackend a single-eviction step is
+  // folded into the attention's kernels (CUDA: no launch and no pass over the cache of its own);
+  // otherwise this is backend().attend followed by on_decode. Results and errors are theirs.
+  void attend_and_decode(Cache& cache, std::int64_t layer, typename Cache::template Span<const value_type> q, float scale,
+                         typename Cache::template Span<float> probs, typename Cache::template Span<float> out) {
+    check_call(where_attend_, cache, layer, Obs::none(), false, false);
+    const std::int64_t rows = shape_.num_q_heads * shape_.head_dim;
+    if (q.size != rows)
+      detail::fail<ShapeError>(where_attend_, "q.size", q.size, "must equal num_q_heads * head_dim = " + std::to_string(rows));
+    if (out.size != rows)
+      detail::fail<ShapeError>(where_attend_, "out.size", out.size, "must equal num_q_heads * head_dim = " + std::to_string(rows));
+    if (probs.size != shape_.num_q_heads * shape_.capacity)
+      detail::fail<ShapeError>(where_attend_, "probs.size", probs.size,
+                               "must equal num_q_heads * capacity = " + std::to_string(shape_.num_q_heads * shape_.capacity));
+    if (!(scale >= 0.0f) || !std::isfinite(scale))
+      detail::fail<ArgumentError>(where_attend_, "scale", scale, "must be finite and >= 0 (0 means 1/sqrt(head_dim))");
+    const float s = scale > 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(shape_.head_dim));
+    const Obs obs = Obs::from_probs(probs, 1, shape_.capacity);
+    if constexpr (AttentionEvictionBackend<typename Cache::backend_type> && fusing_scorer()) {
+      // A single-eviction step leaves every head longer than the protected entries (the budget
+      // covers them), so each head has a victim while positions are unique.
+      if (options_.schedule != Schedule::prefill_only && fuses_decode_step(cache, layer, obs)) {
+        DecodeEviction step = scorer_.decode_eviction(cache, layer, obs);
+        step.rule = selector_.rule(cache.next_position(layer), 0);
+        cache.apply(layer, DecodeAttention{q.ptr, s, probs.ptr, out.ptr}, step, scorer_.extras(layer));
+        scorer_.after_eviction(cache, layer);
+        ++decode_steps_[static_cast<std::size_t>(layer)];
+        return;
+      }
+    }
+    cache.backend().attend(cache.view(layer), q.ptr, s, probs.ptr, out.ptr);
+    on_decode(cache, layer, Scorer::needs_observation ? obs : Obs::none());  // recency reads no probabilities
   }
 
   // Makes room for `incoming` tokens before they are appended (StreamingLLM / H2O
@@ -265,7 +305,7 @@ class TopKEvictionPolicy {
   }
 
   std::string name_;
-  std::string where_prefill_, where_decode_;  // error-message prefixes, built once
+  std::string where_prefill_, where_decode_, where_attend_;  // error-message prefixes, built once
   CacheShape shape_;
   Scorer scorer_;
   Budget budget_;

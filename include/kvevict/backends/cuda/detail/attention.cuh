@@ -94,6 +94,10 @@ struct SoftmaxRowsParams {
   std::int64_t scores_stride;
   PerHead fresh_from;       // [kv_head], clamped to [0, capacity]
   bool zero_fresh;
+  // Normalising only (nullptr: off): receives step_id when a row is not finite (a NaN/Inf logit,
+  // or no finite one), for the fused decode step of attend_evict.cuh.
+  std::int32_t* nonfinite;
+  std::int32_t step_id;
 };
 static_assert(std::is_trivially_copyable_v<SoftmaxRowsParams>);
 
@@ -111,6 +115,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(SoftmaxRowsParam
   float* s = p.scores != nullptr ? p.scores + qh * p.scores_stride : nullptr;
   const std::int64_t fresh = p.fresh_from.v[h];
   if (m == negative_infinity()) {  // this query sees no key: it contributes nothing
+    if (p.nonfinite != nullptr && threadIdx.x == 0) *p.nonfinite = p.step_id;
     if (s != nullptr && p.zero_fresh)
       for (std::int64_t j = fresh + threadIdx.x; j < n; j += blockDim.x) s[j] = 0.0f;
     return;
@@ -122,6 +127,8 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(SoftmaxRowsParam
     sum += e;
   }
   sum = block_reduce(sum, scratch, SumOp{}, 0.0f);
+  // A NaN or +Inf logit makes the sum NaN (exp of NaN, or of inf - inf).
+  if (p.nonfinite != nullptr && threadIdx.x == 0 && !isfinite(sum)) *p.nonfinite = p.step_id;
   const float inv = 1.0f / sum;
   if (s == nullptr) {
     for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) row[j] *= inv;
@@ -150,19 +157,17 @@ struct AttendParams {
 static_assert(std::is_trivially_copyable_v<AttendParams>);
 
 inline constexpr int kAttendThreads = 128;
+// Blocks per multiprocessor the attend kernels are compiled for (caps registers at 48): the loop
+// over a chunk's slots is latency-bound, so more resident warps beat more unrolled loads
+// (measured: 80 registers otherwise, and a slower attention).
+inline constexpr int kAttendMinBlocks = 10;
 
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) attend_partial_kernel(AttendParams p) {
-  const int g_batches = static_cast<int>((p.layer.group_size + kGroupBatch - 1) / kGroupBatch);
-  const int h = static_cast<int>(blockIdx.y) / g_batches;
-  const int g0 = (static_cast<int>(blockIdx.y) % g_batches) * kGroupBatch;
-  const int g_count = min(kGroupBatch, p.layer.group_size - g0);
+// One block's share of attend: q-heads qh0 .. qh0 + g_count - 1 (kv-head h) over chunk c.
+__device__ inline void attend_partial_chunk(const AttendParams& p, int h, std::int64_t qh0, int g_count, std::int64_t c) {
   const std::int64_t n = p.layer.lens.v[h];
-  const std::int64_t c = blockIdx.x;
   const std::int64_t j0 = c * kAttendChunk;
   if (j0 >= n) return;
   const std::int64_t j1 = min(n, j0 + kAttendChunk);
-  const std::int64_t qh0 = static_cast<std::int64_t>(h) * p.layer.group_size + g0;
   const int d = p.layer.head_dim;
   for (int t = threadIdx.x; t < d; t += blockDim.x) {
     float acc[kGroupBatch];
@@ -178,6 +183,15 @@ __global__ void __launch_bounds__(kThreads) attend_partial_kernel(AttendParams p
     for (int g = 0; g < kGroupBatch; ++g)
       if (g < g_count) p.partial[((qh0 + g) * p.max_chunks + c) * d + t] = acc[g];
   }
+}
+
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads, kAttendMinBlocks) attend_partial_kernel(AttendParams p) {
+  const int g_batches = static_cast<int>((p.layer.group_size + kGroupBatch - 1) / kGroupBatch);
+  const int h = static_cast<int>(blockIdx.y) / g_batches;
+  const int g0 = (static_cast<int>(blockIdx.y) % g_batches) * kGroupBatch;
+  const int g_count = min(kGroupBatch, p.layer.group_size - g0);
+  attend_partial_chunk(p, h, static_cast<std::int64_t>(h) * p.layer.group_size + g0, g_count, blockIdx.x);
 }
 
 template <int kThreads>
