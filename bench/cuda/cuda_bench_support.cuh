@@ -5,6 +5,7 @@
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -76,15 +77,21 @@ class EventTimer {
 };
 
 // Times `run` (queued on `stream`) once per iteration, after one warm-up call, as manual time.
+// Counter host_us: the host's time inside run() (queueing, plus any wait run() does itself); near
+// the manual time, the step is bound by the host, not by the GPU.
 template <class Run>
 void time_loop(benchmark::State& state, cudaStream_t stream, Run&& run) {
   EventTimer timer(stream);
   run();  // warm-up
+  double host_seconds = 0.0;
   for (auto _ : state) {
     timer.start();
+    const auto t0 = std::chrono::steady_clock::now();
     run();
+    host_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     state.SetIterationTime(timer.stop_seconds());
   }
+  state.counters["host_us"] = benchmark::Counter(host_seconds * 1e6, benchmark::Counter::kAvgIterations);
 }
 
 // n uniform floats in [lo, hi) from a fixed seed, on the device.

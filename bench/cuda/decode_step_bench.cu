@@ -1,8 +1,8 @@
 // One decode step over a cache of T entries per kv-head (8 kv-heads, GQA 4), each policy's full
-// step beside the attention it accompanies. Bandwidth-bound (K and V are read once per step).
-// BM_CudaAttentionStep/T/d: CudaBackend::attend for one query per q-head (the engine's own work).
-// BM_CudaStepAppend/T/d: appending the step's token alone (one kernel), the engine's other
-//   per-step work inside the policy steps below; subtract it with the attention step.
+// step beside the engine's step it accompanies. Bandwidth-bound (K and V are read once per step).
+// BM_CudaAttentionStep/T/d: the engine's own work: append the step's token (lengths frozen at T,
+//   so every append writes slot T again) and CudaBackend::attend for one query per q-head.
+// BM_CudaStepAppend/T/d: the append alone (one kernel), for the record.
 // BM_CudaStepH2O/T/d: append the token, attend, H2O.on_decode with the step's probabilities: one
 //   cooperative kernel (NaN/Inf check, column sums, group mean, victim, replacement) and one
 //   stream synchronisation to read its verdict.
@@ -11,6 +11,8 @@
 // BM_CudaStep<Policy>Deferred/T/d: the same steps with CudaBackend::defer_step_errors(true): the
 //   kernel's verdict is not waited for, so the host never synchronises inside the step (each
 //   iteration still ends with one synchronisation, as the attention step's does).
+// BM_CudaStep<Policy>Fused/T/d: append, then policy.attend_and_decode (deferred verdicts): the
+//   step folded into the attention's own launches (CudaBackend::attend_evict_one).
 // The cache sits at its budget, so every step evicts exactly one entry; the difference to
 // BM_CudaAttentionStep is the policy's per-step overhead, host synchronisation included.
 // Bytes processed = the K and V bytes of the T entries.
@@ -39,6 +41,11 @@ struct DecodeFixture {
       }
   }
   void attend(std::int64_t layer = 0) { cache.backend().attend(cache.view(layer), q.data(), scale, probs.data(), out.data()); }
+  // policy.attend_and_decode with this fixture's query and workspaces.
+  template <class Policy>
+  void attend_and_decode(Policy& policy, std::int64_t layer = 0) {
+    policy.attend_and_decode(cache, layer, {q.data(), q.size()}, scale, {probs.data(), probs.size()}, {out.data(), out.size()});
+  }
   void append_token(std::int64_t layer = 0) {
     cache.append_token(layer, {token_k.data(), token_k.size()}, {token_v.data(), token_v.size()});
   }
@@ -59,7 +66,10 @@ struct DecodeFixture {
 void BM_CudaAttentionStep(benchmark::State& state) {
   if (!start(state, "bandwidth-bound (baseline)")) return;
   DecodeFixture f(state.range(0), state.range(1));
-  time_loop(state, f.cache.backend().stream(), [&] { f.attend(); });
+  time_loop(state, f.cache.backend().stream(), [&] {
+    f.cache.backend().append(f.cache.view(0), f.token_k.data(), f.token_v.data(), 1, f.t);
+    f.attend();
+  });
   f.counters(state);
 }
 
@@ -78,40 +88,54 @@ void BM_CudaStepAppend(benchmark::State& state) {
 // token (each iteration still ends with one synchronisation).
 constexpr std::int64_t kModelLayers = 8;
 
+// How the policy's step meets the GPU: its own kernel with the verdict waited for, its own kernel
+// with the verdict deferred, or folded into the attention's launches (verdict deferred).
+enum class StepMode { immediate, deferred, fused };
+
 // H2O's step after the engine's append and attention, for every layer of a token.
-void run_step_h2o(benchmark::State& state, bool deferred, std::int64_t layers) {
+void run_step_h2o(benchmark::State& state, StepMode mode, std::int64_t layers) {
   if (!start(state, layers > 1 ? "launch-bound" : "bandwidth-bound")) return;
   DecodeFixture f(state.range(0), state.range(1), layers);
-  f.cache.backend().defer_step_errors(deferred);
+  f.cache.backend().defer_step_errors(mode != StepMode::immediate);
   H2O<Cache> policy(f.cache, H2OConfig{f.t / 2, f.t - f.t / 2});  // budget T: one eviction per step
   time_loop(state, f.cache.backend().stream(), [&] {
     for (std::int64_t l = 0; l < layers; ++l) {
       f.append_token(l);
-      f.attend(l);
-      policy.on_decode(f.cache, l, f.probs_observation());
+      if (mode == StepMode::fused) {
+        f.attend_and_decode(policy, l);
+      } else {
+        f.attend(l);
+        policy.on_decode(f.cache, l, f.probs_observation());
+      }
     }
   });
   f.cache.backend().check_step_errors();
   f.counters(state);
 }
-void BM_CudaStepH2O(benchmark::State& state) { run_step_h2o(state, false, 1); }
-void BM_CudaStepH2ODeferred(benchmark::State& state) { run_step_h2o(state, true, 1); }
+void BM_CudaStepH2O(benchmark::State& state) { run_step_h2o(state, StepMode::immediate, 1); }
+void BM_CudaStepH2ODeferred(benchmark::State& state) { run_step_h2o(state, StepMode::deferred, 1); }
+void BM_CudaStepH2OFused(benchmark::State& state) { run_step_h2o(state, StepMode::fused, 1); }
 
-void run_step_streaming_llm(benchmark::State& state, bool deferred) {
+void run_step_streaming_llm(benchmark::State& state, StepMode mode) {
   if (!start(state, "bandwidth-bound")) return;
   DecodeFixture f(state.range(0), state.range(1));
-  f.cache.backend().defer_step_errors(deferred);
+  f.cache.backend().defer_step_errors(mode != StepMode::immediate);
   StreamingLLM<Cache> policy(f.cache, StreamingLLMConfig{4, f.t - 4});  // budget T
   time_loop(state, f.cache.backend().stream(), [&] {
     f.append_token();
-    f.attend();
-    policy.on_decode(f.cache, 0, Observation<float, CudaSpace>::none());
+    if (mode == StepMode::fused) {
+      f.attend_and_decode(policy);
+    } else {
+      f.attend();
+      policy.on_decode(f.cache, 0, Observation<float, CudaSpace>::none());
+    }
   });
   f.cache.backend().check_step_errors();
   f.counters(state);
 }
-void BM_CudaStepStreamingLLM(benchmark::State& state) { run_step_streaming_llm(state, false); }
-void BM_CudaStepStreamingLLMDeferred(benchmark::State& state) { run_step_streaming_llm(state, true); }
+void BM_CudaStepStreamingLLM(benchmark::State& state) { run_step_streaming_llm(state, StepMode::immediate); }
+void BM_CudaStepStreamingLLMDeferred(benchmark::State& state) { run_step_streaming_llm(state, StepMode::deferred); }
+void BM_CudaStepStreamingLLMFused(benchmark::State& state) { run_step_streaming_llm(state, StepMode::fused); }
 
 void BM_CudaAttentionStep8Layers(benchmark::State& state) {
   if (!start(state, "launch-bound (baseline)")) return;
@@ -126,8 +150,9 @@ void BM_CudaAttentionStep8Layers(benchmark::State& state) {
   f.counters(state);
 }
 
-void BM_CudaStepH2O8Layers(benchmark::State& state) { run_step_h2o(state, false, kModelLayers); }
-void BM_CudaStepH2O8LayersDeferred(benchmark::State& state) { run_step_h2o(state, true, kModelLayers); }
+void BM_CudaStepH2O8Layers(benchmark::State& state) { run_step_h2o(state, StepMode::immediate, kModelLayers); }
+void BM_CudaStepH2O8LayersDeferred(benchmark::State& state) { run_step_h2o(state, StepMode::deferred, kModelLayers); }
+void BM_CudaStepH2O8LayersFused(benchmark::State& state) { run_step_h2o(state, StepMode::fused, kModelLayers); }
 
 BENCHMARK(BM_CudaAttentionStep)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepAppend)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -135,9 +160,12 @@ BENCHMARK(BM_CudaStepH2O)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNam
 BENCHMARK(BM_CudaStepStreamingLLM)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepH2ODeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepStreamingLLMDeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaStepH2OFused)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaStepStreamingLLMFused)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaAttentionStep8Layers)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepH2O8Layers)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_CudaStepH2O8LayersDeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CudaStepH2O8LayersFused)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 }  // namespace kvevict::cuda_bench

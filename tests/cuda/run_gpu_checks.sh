@@ -14,8 +14,10 @@
 # KVEVICT_GPU_BUILD_DIR (default build/gpu), KVEVICT_CUDA_ARCH (default native; a dry run on a
 # machine without a GPU needs a named one, e.g. 90), KVEVICT_RACECHECK_FILTER (Catch test specs
 # for racecheck), KVEVICT_RACECHECK_S (its time cap, default 150; racecheck is slow) and
-# KVEVICT_BENCH_FILTER (a --benchmark_filter regex; default: every benchmark); KVEVICT_SKIP_CPU_BUILD
-# (non-empty: no background build of the CPU targets).
+# KVEVICT_BENCH_FILTER (a --benchmark_filter regex; default: every benchmark), KVEVICT_BENCH_REPETITIONS
+# (default 1; more reports mean/median/stddev per benchmark); KVEVICT_SKIP_CPU_BUILD (non-empty: no
+# background build of the CPU targets); KVEVICT_NSYS_FILTER (a --benchmark_filter regex: those
+# benchmarks once more under nsys, its per-kernel time summary in nsys.txt; nsys must exist).
 set -u
 
 OUT="${OUT:-./gpu_out}"
@@ -191,9 +193,22 @@ fi
 
 # --- 6. benchmarks -----------------------------------------------------------------------
 if [[ -x "$BENCH_BIN" ]]; then
+  REPS="${KVEVICT_BENCH_REPETITIONS:-1}"
+  REP_ARGS=()
+  ((REPS > 1)) && REP_ARGS=(--benchmark_repetitions="$REPS" --benchmark_report_aggregates_only=true)
   run_step cuda-bench "$(time_for 200 10)" "$OUT/cuda_bench.txt" "$BENCH_BIN" --benchmark_min_time=0.1 \
-    --benchmark_filter="${KVEVICT_BENCH_FILTER:-.}" \
+    --benchmark_filter="${KVEVICT_BENCH_FILTER:-.}" "${REP_ARGS[@]}" \
     --benchmark_counters_tabular=true --benchmark_out="$OUT/cuda_bench.json" --benchmark_out_format=json
+  if [[ -n "${KVEVICT_NSYS_FILTER:-}" ]]; then  # where the time of each kernel goes
+    NSYS="$(command -v nsys 2>/dev/null || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -n 1)"
+    if [[ -n "$NSYS" ]]; then
+      run_step nsys "$(time_for 120 60)" "$OUT/nsys.txt" "$NSYS" profile --trace=cuda --stats=true --force-overwrite=true \
+        -o /tmp/kvevict_nsys "$BENCH_BIN" --benchmark_min_time=0.05 --benchmark_filter="$KVEVICT_NSYS_FILTER"
+    else
+      log "nsys not found"
+      SKIPPED+=("nsys (not installed)")
+    fi
+  fi
 else
   [[ $BUILD_BENCH == ON ]] && FAILED+=("cuda-bench (binary missing)")
 fi
