@@ -36,9 +36,11 @@ SKIPPED=()
 
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 remaining() { echo $((BUDGET - (SECONDS - START))); }
-# min(cap, remaining - reserve), at least 5 seconds
+# min(cap, remaining - reserve), at least 5 seconds. Reserves are sized for the default 570 s
+# budget and shrink with a smaller one (a 420 s budget once left configure 5 s).
 time_for() {
   local cap=$1 reserve=$2 r
+  ((BUDGET < 570)) && reserve=$((reserve * BUDGET / 570))
   r=$(($(remaining) - reserve))
   ((r > cap)) && r=$cap
   ((r < 5)) && r=5
