@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <span>
 #include <vector>
 
 #include "kvevict/kvevict.hpp"
@@ -535,4 +536,88 @@ TEST_CASE("H2O's attend_and_decode equals the backend's attend followed by on_de
   // The valid call still goes through: one entry in, one out.
   pb.attend_and_decode(b, 0, test::cspan(q), 0.0f, span(probs_b), span(out_b));
   for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) REQUIRE(b.len(0, h) == 32);
+}
+
+// A CPU backend that offers attend_evict_one as attend + evict_one: it takes the policy's and the
+// cache's AttentionEvictionBackend path on the CPU (the CUDA backend's fused kernels have their own
+// GPU tests) and counts how often.
+struct AttendEvictCpuBackend : CpuBackend {
+  std::int64_t fused_calls = 0;
+  void attend_evict_one(const LayerView<float>& v, const DecodeAttention& att, const DecodeEviction& step,
+                        std::span<const SlotExtra> extras) {
+    ++fused_calls;
+    if (step.probs != nullptr) {  // a scoring step scores the attention's own probabilities
+      REQUIRE(step.probs == att.probs);
+      REQUIRE(step.probs_stride == v.capacity);
+    }
+    attend(v, att.q, att.scale, att.probs, att.out);
+    evict_one(v, step, extras);
+  }
+};
+static_assert(AttentionEvictionBackend<AttendEvictCpuBackend>);
+static_assert(!AttentionEvictionBackend<CpuBackend>);
+
+TEST_CASE("H2O's attend_and_decode on an AttentionEvictionBackend takes KVCache::apply(DecodeAttention, DecodeEviction) "
+          "once full, with the results of attend + on_decode; that apply rejects bad arguments changing nothing",
+          "[policies][h2o]") {
+  using FusedCache = KVCache<AttendEvictCpuBackend>;
+  const CacheShape shape{1, 2, 8, 16, 40};
+  Cache a(shape);
+  FusedCache b(shape);
+  H2O<Cache> pa(a, H2OConfig{10, 20, GroupAgg::max});
+  H2O<FusedCache> pb(b, H2OConfig{10, 20, GroupAgg::max});
+  std::vector<float> probs_a(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 0.0f), probs_b = probs_a;
+  std::vector<float> out_a(static_cast<std::size_t>(shape.num_q_heads * shape.head_dim), 0.0f), out_b = out_a;
+  auto span = [](std::vector<float>& v) { return HostSpan<float>{v.data(), static_cast<std::int64_t>(v.size())}; };
+  test::append_source(a, 4, 0, 25);
+  test::append_source(b, 4, 0, 25);
+  for (std::int64_t step = 0; step < 30; ++step) {
+    CAPTURE(step);
+    test::append_source(a, 4, 0, 1);
+    test::append_source(b, 4, 0, 1);
+    const auto q = test::source_block(4, test::Stream::query, 0, shape.num_q_heads, a.next_position(0) - 1, 1, shape.head_dim);
+    a.backend().attend(a.view(0), q.data(), 0.25f, probs_a.data(), out_a.data());
+    pa.on_decode(a, 0, Obs::from_probs(test::cspan(probs_a), 1, shape.capacity));
+    pb.attend_and_decode(b, 0, test::cspan(q), 0.25f, span(probs_b), span(out_b));
+    REQUIRE(out_b == out_a);
+    for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) REQUIRE(b.positions(0, h) == a.positions(0, h));
+    const float* sa = pa.scorer().q_head_scores(0);
+    REQUIRE(std::equal(sa, sa + shape.num_q_heads * shape.capacity, pb.scorer().q_head_scores(0)));
+  }
+  REQUIRE(b.backend().fused_calls == 25);  // every step from the sixth on: 25 + 5 tokens fill the budget of 30
+
+  // A NaN query: the fused call rejects the step, nothing changes, the next valid step proceeds.
+  test::append_source(b, 4, 0, 1);
+  const std::uint64_t before = b.state_hash();
+  const std::vector<float> scores_before(pb.scorer().q_head_scores(0), pb.scorer().q_head_scores(0) + shape.num_q_heads * shape.capacity);
+  auto q = test::source_block(4, test::Stream::query, 0, shape.num_q_heads, b.next_position(0) - 1, 1, shape.head_dim);
+  auto nan_q = q;
+  nan_q[11] = std::numeric_limits<float>::quiet_NaN();
+  test::require_throws_exactly<NonFiniteError>([&] { pb.attend_and_decode(b, 0, test::cspan(nan_q), 0.0f, span(probs_b), span(out_b)); }, "probs");
+  REQUIRE(b.state_hash() == before);
+  REQUIRE(std::equal(scores_before.begin(), scores_before.end(), pb.scorer().q_head_scores(0)));
+
+  // KVCache::apply(DecodeAttention, DecodeEviction) itself: each bad argument is named, nothing changes.
+  DecodeEviction recency;  // no scores: the oldest unprotected entry goes
+  recency.rule = ProtectRule{0, b.next_position(0) - 4};
+  const DecodeAttention good{q.data(), 0.25f, probs_b.data(), out_b.data()};
+  DecodeAttention no_q = good, no_probs = good, no_out = good, zero_scale = good, nan_scale = good;
+  no_q.q = nullptr;
+  no_probs.probs = nullptr;
+  no_out.out = nullptr;
+  zero_scale.scale = 0.0f;
+  nan_scale.scale = std::numeric_limits<float>::quiet_NaN();
+  const std::int64_t calls = b.backend().fused_calls;
+  test::require_throws_exactly<ArgumentError>([&] { b.apply(0, no_q, recency); }, "att.q");
+  test::require_throws_exactly<ArgumentError>([&] { b.apply(0, no_probs, recency); }, "att.probs");
+  test::require_throws_exactly<ArgumentError>([&] { b.apply(0, no_out, recency); }, "att.out");
+  test::require_throws_exactly<ArgumentError>([&] { b.apply(0, zero_scale, recency); }, "att.scale");
+  test::require_throws_exactly<ArgumentError>([&] { b.apply(0, nan_scale, recency); }, "att.scale");
+  test::require_throws_exactly<ArgumentError>([&] { b.apply(1, good, recency); }, "layer");
+  REQUIRE(b.backend().fused_calls == calls);  // rejected before the backend was called
+  REQUIRE(b.state_hash() == before);
+  b.apply(0, good, recency);  // the valid call: one entry fewer per head
+  for (std::int64_t h = 0; h < shape.num_kv_heads; ++h) REQUIRE(b.len(0, h) == 30);
+  FusedCache empty(shape);
+  test::require_throws_exactly<EmptyCacheError>([&] { empty.apply(0, good, recency); }, "kv_head");
 }
