@@ -154,18 +154,23 @@ void BM_CudaStepH2O8Layers(benchmark::State& state) { run_step_h2o(state, StepMo
 void BM_CudaStepH2O8LayersDeferred(benchmark::State& state) { run_step_h2o(state, StepMode::deferred, kModelLayers); }
 void BM_CudaStepH2O8LayersFused(benchmark::State& state) { run_step_h2o(state, StepMode::fused, kModelLayers); }
 
-BENCHMARK(BM_CudaAttentionStep)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepAppend)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepH2O)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepStreamingLLM)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepH2ODeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepStreamingLLMDeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepH2OFused)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepStreamingLLMFused)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaAttentionStep8Layers)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepH2O8Layers)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepH2O8LayersDeferred)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_CudaStepH2O8LayersFused)->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+// T in {1k, 4k, 16k} x head_dim in {64, 128}; GPU time from events, in microseconds.
+void decode_step_args(benchmark::internal::Benchmark* b) {
+  b->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+}
+
+BENCHMARK(BM_CudaAttentionStep)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepAppend)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepH2O)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepStreamingLLM)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepH2ODeferred)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepStreamingLLMDeferred)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepH2OFused)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepStreamingLLMFused)->Apply(decode_step_args);
+BENCHMARK(BM_CudaAttentionStep8Layers)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepH2O8Layers)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepH2O8LayersDeferred)->Apply(decode_step_args);
+BENCHMARK(BM_CudaStepH2O8LayersFused)->Apply(decode_step_args);
 
 }  // namespace
 }  // namespace kvevict::cuda_bench

@@ -257,10 +257,7 @@ class CpuBackend {
       for (std::int64_t h = 0; h < v.num_kv_heads; ++h)
         if (victims_[static_cast<std::size_t>(h)] < 0)
           detail::fail<InvariantError>(where, "kv_head", h, "has no unprotected entry to evict");
-      for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
-        const std::int64_t n = v.lens[h];
-        if (victims_[static_cast<std::size_t>(h)] != n - 1) move_slot(v, extras, h, n - 1, victims_[static_cast<std::size_t>(h)]);
-      }
+      move_newest_into_victims(v, extras);
       return;
     }
     for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {  // usually ends at the first non-sink slot
@@ -274,10 +271,7 @@ class CpuBackend {
     accumulate_column_sums(v, step.probs, 1, step.probs_stride, step.q_scores, step.fresh_from);
     group_reduce(v, step.q_scores, group_scores_.data(), step.agg);
     select_victims(v, group_scores_.data(), step.rule, victims_.data());
-    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
-      const std::int64_t n = v.lens[h];
-      if (victims_[static_cast<std::size_t>(h)] != n - 1) move_slot(v, extras, h, n - 1, victims_[static_cast<std::size_t>(h)]);
-    }
+    move_newest_into_victims(v, extras);
   }
 
   // keep_slots[h, :keep_count[h]] = every protected slot plus the best unprotected ones by
@@ -834,6 +828,16 @@ class CpuBackend {
     return scan_unprotected(pos, n, rule, [&](std::int64_t j, std::int64_t best) { return pos[j] < pos[best]; });
   }
 
+  // evict_one's replacement: each head's newest slot moves into victims_[h] (nothing moves when
+  // the newest entry is the victim).
+  void move_newest_into_victims(const LayerView<float>& v, std::span<const SlotExtra> extras) const {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int64_t newest = v.lens[h] - 1;
+      const std::int64_t victim = victims_[static_cast<std::size_t>(h)];
+      if (victim != newest) move_slot(v, extras, h, newest, victim);
+    }
+  }
+
   static void move_slot(const LayerView<float>& v, std::span<const SlotExtra> extras, std::int64_t h, std::int64_t src,
                         std::int64_t dst) {
     const auto row_bytes = static_cast<std::size_t>(v.head_dim) * sizeof(float);
@@ -850,7 +854,7 @@ class CpuBackend {
   std::vector<float> tile_;            // [kQueryTile, capacity] logits of one query tile
   std::vector<std::int32_t> order_;    // [capacity] candidate slots for top-k
   std::vector<float> group_scores_;    // [kv_head, capacity] evict_one's group scores
-  std::vector<std::int32_t> victims_;  // [kv_head] evict_one's victims by recency
+  std::vector<std::int32_t> victims_;  // [kv_head] evict_one's victims
   std::vector<std::uint8_t> keep_mark_;  // [capacity] kept flags
   std::vector<double> rope_cos_, rope_sin_;  // [head_dim / 2]
   std::vector<PoolEntry> layer_pool_;  // [kv_head * capacity] candidates of head_budgets

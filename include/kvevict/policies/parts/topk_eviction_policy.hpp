@@ -108,19 +108,13 @@ class TopKEvictionPolicy {
   // (scoring, victim choice and replacement fused, validated as a whole).
   void on_decode(Cache& cache, std::int64_t layer, const Obs& obs) {
     const bool evicts_at_decode = options_.schedule != Schedule::prefill_only;
-    const bool fused = evicts_at_decode && fuses_decode_step(cache, layer, obs);
+    const bool fused = fuses_decode_step(cache, layer, obs);
     check_call(where_decode_, cache, layer, obs, evicts_at_decode, !(fused && Scorer::needs_observation));
-    auto& steps = decode_steps_[static_cast<std::size_t>(layer)];
     if (fused) {
-      if constexpr (fusing_scorer()) {
-        DecodeEviction step = scorer_.decode_eviction(cache, layer, obs);
-        step.rule = selector_.rule(cache.next_position(layer), 0);
-        cache.apply(layer, step, scorer_.extras(layer));
-        scorer_.after_eviction(cache, layer);
-      }
-      ++steps;
+      if constexpr (fusing_scorer()) fused_decode_step(cache, layer, obs);
       return;
     }
+    auto& steps = decode_steps_[static_cast<std::size_t>(layer)];
     ++steps;
     if (!evicts_at_decode) return;
     scorer_.observe(cache, layer, obs, Phase::decode);
@@ -158,12 +152,8 @@ class TopKEvictionPolicy {
     if constexpr (AttentionEvictionBackend<typename Cache::backend_type> && fusing_scorer()) {
       // A single-eviction step leaves every head longer than the protected entries (the budget
       // covers them), so each head has a victim while positions are unique.
-      if (options_.schedule != Schedule::prefill_only && fuses_decode_step(cache, layer, obs)) {
-        DecodeEviction step = scorer_.decode_eviction(cache, layer, obs);
-        step.rule = selector_.rule(cache.next_position(layer), 0);
-        cache.apply(layer, DecodeAttention{q.ptr, s, probs.ptr, out.ptr}, step, scorer_.extras(layer));
-        scorer_.after_eviction(cache, layer);
-        ++decode_steps_[static_cast<std::size_t>(layer)];
+      if (fuses_decode_step(cache, layer, obs)) {
+        fused_decode_step(cache, layer, obs, DecodeAttention{q.ptr, s, probs.ptr, out.ptr});
         return;
       }
     }
@@ -216,6 +206,7 @@ class TopKEvictionPolicy {
   // removes exactly one entry from every head. False for a call the checks will reject.
   bool fuses_decode_step(const Cache& cache, std::int64_t layer, const Obs& obs) const {
     if constexpr (fusing_scorer()) {
+      if (options_.schedule == Schedule::prefill_only) return false;
       if constexpr (requires { Scorer::needs_position_order; })
         if (Scorer::needs_position_order) return false;
       if (pos_shift_ || options_.pad_protected_scores || options_.head_allocation.adaptive) return false;
@@ -232,6 +223,17 @@ class TopKEvictionPolicy {
     } else {
       return false;
     }
+  }
+
+  // A step fuses_decode_step admitted, as one backend call: the scorer's accumulation and the
+  // victim choice (DecodeEviction), with the step's attention first when `att` is given.
+  template <class... Attention>
+  void fused_decode_step(Cache& cache, std::int64_t layer, const Obs& obs, const Attention&... att) {
+    DecodeEviction step = scorer_.decode_eviction(cache, layer, obs);
+    step.rule = selector_.rule(cache.next_position(layer), 0);
+    cache.apply(layer, att..., step, scorer_.extras(layer));
+    scorer_.after_eviction(cache, layer);
+    ++decode_steps_[static_cast<std::size_t>(layer)];
   }
 
   // `where` is built once in the constructor: validation runs on every token and must not allocate.
