@@ -370,18 +370,7 @@ class CudaBackend {
     // floats, however few chunks the heads have.
     const int blocks = static_cast<int>(
         std::min<std::int64_t>(max_evict_blocks_, std::max<std::int64_t>({items, v.num_kv_heads, num_sms_})));
-    cuda::detail::MoveParams moves{};
-    moves.num_kv_heads = p.layer.num_kv_heads;
-    moves.capacity = v.capacity;
-    moves.victims = evict_victims_.data();
-    moves.lens = p.layer.lens;
-    bool first_group = true;
-    for_each_array_group(v, extras, moves, [&](cuda::detail::MoveParams& group, std::int64_t /*words_per_slot*/) {
-      if (!first_group) {  // arrays past the first kMaxSlotArrays: the plain replacement kernel
-        cuda::detail::launch_replace_with_last(group, stream_);
-        return;
-      }
-      first_group = false;
+    queue_step_moves(v, extras, p.layer, [&](const cuda::detail::MoveParams& group) {
       for (std::int32_t a = 0; a < group.num_arrays; ++a) p.arrays[a] = group.arrays[a];
       p.num_arrays = group.num_arrays;
       if (defer_) {
@@ -451,18 +440,7 @@ class CudaBackend {
     cuda::detail::launch_group_logits({layer, att.q, v.head_dim, att.scale, INT64_MAX, att.probs, v.capacity}, stream_, where);
     cuda::detail::launch_softmax_rows({layer, att.probs, v.capacity, nullptr, 0, {}, false, attend_nonfinite_.data(), attend_steps_},
                                       stream_, where);
-    cuda::detail::MoveParams moves{};
-    moves.num_kv_heads = layer.num_kv_heads;
-    moves.capacity = v.capacity;
-    moves.victims = evict_victims_.data();
-    moves.lens = layer.lens;
-    bool first_group = true;
-    for_each_array_group(v, extras, moves, [&](cuda::detail::MoveParams& group, std::int64_t /*words_per_slot*/) {
-      if (!first_group) {  // arrays past the first kMaxSlotArrays: the plain replacement kernel
-        cuda::detail::launch_replace_with_last(group, stream_);
-        return;
-      }
-      first_group = false;
+    queue_step_moves(v, extras, layer, [&](const cuda::detail::MoveParams& group) {
       for (std::int32_t a = 0; a < group.num_arrays; ++a) p.arrays[a] = group.arrays[a];
       p.num_arrays = group.num_arrays;
       cuda::detail::launch_attend_evict(p, stream_);
@@ -742,6 +720,28 @@ class CudaBackend {
       p.num_arrays = static_cast<std::int32_t>(count);
       fn(p, words_per_slot);
     }
+  }
+
+  // The moves of a single-eviction step, in groups of kMaxSlotArrays arrays (K, V, positions, then
+  // the extras): `first(group)` queues the kernel that picks the victims into evict_victims_ and
+  // moves the first group; the plain replacement kernel moves each later group from those victims.
+  template <class First>
+  void queue_step_moves(const LayerView<float>& v, std::span<const SlotExtra> extras, const cuda::detail::DeviceLayer& layer,
+                        First&& first) {
+    cuda::detail::MoveParams moves{};
+    moves.num_kv_heads = layer.num_kv_heads;
+    moves.capacity = v.capacity;
+    moves.victims = evict_victims_.data();
+    moves.lens = layer.lens;
+    bool is_first = true;
+    for_each_array_group(v, extras, moves, [&](cuda::detail::MoveParams& group, std::int64_t /*words_per_slot*/) {
+      if (is_first) {
+        is_first = false;
+        first(group);
+      } else {
+        cuda::detail::launch_replace_with_last(group, stream_);
+      }
+    });
   }
 
   void grow_workspace(const Sizes& need) {

@@ -67,9 +67,7 @@ static_assert(std::is_trivially_copyable_v<AttendEvictParams>);
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads, kAttendMinBlocks) attend_partial_evict_kernel(AttendEvictParams p) {
-  __shared__ VictimCandidate s_best[kThreads / 32];
-  __shared__ std::int32_t s_first[kThreads / 32];
-  __shared__ float s_first_score[kThreads / 32];
+  __shared__ EvictPartial s_warps[kThreads / 32];
   const AttendParams& a = p.attend;
   const int h = static_cast<int>(blockIdx.y);  // one block row per kv-head: group_size <= kGroupBatch
   const int g_count = a.layer.group_size;
@@ -104,9 +102,7 @@ __global__ void __launch_bounds__(kThreads, kAttendMinBlocks) attend_partial_evi
       x[k][g] = base + a.probs[(qh0 + g) * a.probs_stride + j];  // evict_new_sum
     }
   }
-  VictimCandidate best{0.0f, 0, -1};
-  std::int32_t first = INT32_MAX;
-  float first_score = 0.0f;
+  CandidateScan scan;
 #pragma unroll
   for (int k = 0; k < kScoreSlotsPerThread; ++k) {  // stores, group scores and candidates
     const std::int64_t j = j0 + k * kThreads + threadIdx.x;
@@ -123,119 +119,46 @@ __global__ void __launch_bounds__(kThreads, kAttendMinBlocks) attend_partial_evi
       }
       if (p.agg == GroupAgg::mean && g_count > 1) s *= 1.0f / static_cast<float>(g_count);
     }
-    if (p.protects(pos[k])) continue;
-    if (first == INT32_MAX) {  // slots ascend per thread: the thread's first is its smallest
-      first = static_cast<std::int32_t>(j);
-      first_score = s;
-    }
-    const VictimCandidate cand{s, pos[k], static_cast<std::int32_t>(j)};
-    if (has_scores && is_nan(s)) continue;
-    if (evict_before(cand, best, has_scores)) best = cand;
+    if (!p.protects(pos[k])) scan.visit(j, s, pos[k], has_scores);  // slots ascend per thread
   }
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  warp_merge_candidates(best, first, first_score, has_scores);
-  if (lane == 0) {
-    s_best[warp] = best;
-    s_first[warp] = first;
-    s_first_score[warp] = first_score;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < kThreads / 32 ? s_best[lane] : VictimCandidate{0.0f, 0, -1};
-    first = lane < kThreads / 32 ? s_first[lane] : INT32_MAX;
-    first_score = lane < kThreads / 32 ? s_first_score[lane] : 0.0f;
-    warp_merge_candidates(best, first, first_score, has_scores);
-    if (lane == 0) p.partials[h * p.chunks_per_head + c] = EvictPartial{best, first, first_score};
-  }
+  scan.merge_block<kThreads>(has_scores, s_warps);
+  if (threadIdx.x == 0) p.partials[h * p.chunks_per_head + c] = scan.partial();
 }
 
-// move_slot with every word loaded before any is stored: one memory round trip per
-// kLoadsPerThread words a thread moves, not one per array. src != dst, so nothing read is written.
-// Words below first_word are left alone (PendingMove moved them).
-__device__ inline void move_slot_loads_first(const SlotArray* arrays, int num_arrays, std::int64_t h, std::int64_t src,
-                                             std::int64_t dst, int first_word = 0) {
-  constexpr int kLoadsPerThread = 4;
-  int total = 0;
-  for (int a = 0; a < num_arrays; ++a) total += arrays[a].rows * arrays[a].width;
-  const int threads = static_cast<int>(blockDim.x);
-  for (int e0 = first_word + static_cast<int>(threadIdx.x); e0 < total; e0 += threads * kLoadsPerThread) {
-    std::uint32_t v[kLoadsPerThread];
-    std::uint32_t* at[kLoadsPerThread];
-#pragma unroll
-    for (int k = 0; k < kLoadsPerThread; ++k) {
-      at[k] = nullptr;
-      int e = e0 + k * threads;
-      if (e >= total) continue;
-      int a = 0;
-      while (e >= arrays[a].rows * arrays[a].width) {
-        e -= arrays[a].rows * arrays[a].width;
-        ++a;
-      }
-      const SlotArray arr = arrays[a];
-      const int r = e / arr.width;
-      std::uint32_t* row = arr.base + (h * arr.rows + r) * arr.row_stride + (e - r * arr.width);
-      v[k] = __ldcg(row + src * arr.slot_stride);
-      at[k] = row + dst * arr.slot_stride;
-    }
-#pragma unroll
-    for (int k = 0; k < kLoadsPerThread; ++k)
-      if (at[k] != nullptr) *at[k] = v[k];
-  }
-}
-
-// The newest slot's first kPerThread x blockDim words, loaded before the victim is known (they are
-// final when the launch starts) and stored once it is: the move adds no round trip of loads to
-// the block's chain. Longer slots finish with move_slot_loads_first.
+// The newest slot's first kMoveWordsPerThread x blockDim words, loaded before the victim is known
+// (they are final when the launch starts) and stored once it is: the move adds no round trip of
+// loads to the block's chain. Longer slots finish with move_slot.
 class PendingMove {
  public:
-  static constexpr int kPerThread = 4;
-
   __device__ void load(const SlotArray* arrays, int num_arrays, std::int64_t h, std::int64_t src) {
-    int total = 0;
-    for (int a = 0; a < num_arrays; ++a) total += arrays[a].rows * arrays[a].width;
+    const int total = slot_words(arrays, num_arrays);
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
-      row_[k] = nullptr;
-      int e = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+    for (int k = 0; k < kMoveWordsPerThread; ++k) {
+      word_[k] = nullptr;
+      const int e = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
       if (src < 0 || e >= total) continue;
-      int a = 0;
-      while (e >= arrays[a].rows * arrays[a].width) {
-        e -= arrays[a].rows * arrays[a].width;
-        ++a;
-      }
-      const int r = e / arrays[a].width;
-      row_[k] = arrays[a].base + (h * arrays[a].rows + r) * arrays[a].row_stride + (e - r * arrays[a].width);
-      stride_[k] = arrays[a].slot_stride;
-      word_[k] = __ldcg(row_[k] + src * stride_[k]);
+      word_[k] = slot_word(arrays, h, e, stride_[k]);
+      value_[k] = __ldcg(word_[k] + src * stride_[k]);
     }
   }
   __device__ void store(const SlotArray* arrays, int num_arrays, std::int64_t h, std::int64_t src, std::int64_t dst) const {
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k)
-      if (row_[k] != nullptr) row_[k][dst * stride_[k]] = word_[k];
-    move_slot_loads_first(arrays, num_arrays, h, src, dst, kPerThread * static_cast<int>(blockDim.x));
+    for (int k = 0; k < kMoveWordsPerThread; ++k)
+      if (word_[k] != nullptr) word_[k][dst * stride_[k]] = value_[k];
+    move_slot(arrays, num_arrays, h, src, dst, kMoveWordsPerThread * static_cast<int>(blockDim.x));
   }
 
  private:
-  std::uint32_t* row_[kPerThread];
-  std::int64_t stride_[kPerThread];
-  std::uint32_t word_[kPerThread];
+  std::uint32_t* word_[kMoveWordsPerThread];  // slot-0 address of each word this thread moves
+  std::int64_t stride_[kMoveWordsPerThread];
+  std::uint32_t value_[kMoveWordsPerThread];
 };
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) attend_reduce_evict_kernel(AttendEvictParams p) {
   const AttendParams& a = p.attend;
-  if (blockIdx.x < static_cast<unsigned>(a.layer.num_q_heads)) {  // attend_reduce_kernel
-    const std::int64_t qh = blockIdx.x;
-    const int h = static_cast<int>(qh / a.layer.group_size);
-    const std::int64_t chunks = ceil_div(a.layer.lens.v[h], kAttendChunk);
-    const int d = a.layer.head_dim;
-    for (int t = threadIdx.x; t < d; t += blockDim.x) {
-      float acc = 0.0f;
-      for (std::int64_t c = 0; c < chunks; ++c) acc += a.partial[(qh * a.max_chunks + c) * d + t];
-      a.out[qh * d + t] = acc;
-    }
+  if (blockIdx.x < static_cast<unsigned>(a.layer.num_q_heads)) {  // attend_reduce_kernel's block
+    attend_reduce_row(a, blockIdx.x);
     return;
   }
   // One block per kv-head: everything it reads is final when the launch starts, so the verdict,
@@ -251,32 +174,18 @@ __global__ void __launch_bounds__(kThreads) attend_reduce_evict_kernel(AttendEvi
   move.load(p.arrays, p.num_arrays, h, src);
   const int lane = static_cast<int>(threadIdx.x) & 31;
   if (threadIdx.x < 32) {  // decode_evict_kernel's phase 2 over this head's chunk candidates
-    VictimCandidate best{0.0f, 0, -1};
-    std::int32_t first = INT32_MAX;
-    float first_score = 0.0f;
-    for (std::int64_t c = lane; c < ceil_div(n, kScoreChunk<kThreads>); c += 32) {
-      const EvictPartial part = p.partials[h * p.chunks_per_head + c];
-      if (evict_before(part.best, best, has_scores)) best = part.best;
-      if (part.first < first) {
-        first = part.first;
-        first_score = part.first_score;
-      }
-    }
-    warp_merge_candidates(best, first, first_score, has_scores);
+    CandidateScan scan;
+    for (std::int64_t c = lane; c < ceil_div(n, kScoreChunk<kThreads>); c += 32)
+      scan.merge(p.partials[h * p.chunks_per_head + c], has_scores);
+    scan.merge_warp(has_scores);
     if (lane == 0) {
-      // A NaN in the head's first unprotected slot is the victim; NaNs elsewhere never are.
-      const std::int32_t victim = (has_scores && first != INT32_MAX && is_nan(first_score)) ? first : best.slot;
+      const std::int32_t victim = scan.victim(has_scores);
       s_victim = rejected ? -1 : victim;
       p.victims[h] = s_victim;
       if (h == 0) p.status[0] = rejected ? 1 : 0;
       if (!rejected && victim < 0) atomicMin(p.status + 1, static_cast<std::int32_t>(h));
       const std::int32_t kind = rejected ? (h == 0 ? 1 : 0) : (victim < 0 ? 2 : 0);
-      if (p.deferred != nullptr && kind != 0 && *reinterpret_cast<volatile std::int32_t*>(p.deferred) == 0) {
-        p.deferred[1] = kind == 2 ? static_cast<std::int32_t>(h) : -1;
-        p.deferred[2] = p.deferred_step;
-        __threadfence_system();  // the host reads kind first, then the fields
-        *reinterpret_cast<volatile std::int32_t*>(p.deferred) = kind;
-      }
+      record_deferred_verdict(p.deferred, kind, kind == 2 ? static_cast<std::int32_t>(h) : -1, p.deferred_step);
     }
   }
   __syncthreads();

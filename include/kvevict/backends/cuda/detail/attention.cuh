@@ -194,9 +194,8 @@ __global__ void __launch_bounds__(kThreads, kAttendMinBlocks) attend_partial_ker
   attend_partial_chunk(p, h, static_cast<std::int64_t>(h) * p.layer.group_size + g0, g_count, blockIdx.x);
 }
 
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) attend_reduce_kernel(AttendParams p) {
-  const std::int64_t qh = blockIdx.x;
+// out[qh] = the sum of q-head qh's partial sums over its kv-head's chunks, in chunk order.
+__device__ inline void attend_reduce_row(const AttendParams& p, std::int64_t qh) {
   const int h = static_cast<int>(qh / p.layer.group_size);
   const std::int64_t chunks = ceil_div(p.layer.lens.v[h], kAttendChunk);
   const int d = p.layer.head_dim;
@@ -205,6 +204,11 @@ __global__ void __launch_bounds__(kThreads) attend_reduce_kernel(AttendParams p)
     for (std::int64_t c = 0; c < chunks; ++c) acc += p.partial[(qh * p.max_chunks + c) * d + t];
     p.out[qh * d + t] = acc;
   }
+}
+
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) attend_reduce_kernel(AttendParams p) {
+  attend_reduce_row(p, blockIdx.x);
 }
 
 // Precondition: max_chunks >= ceil(max_len / kAttendChunk) (the backend checks its workspace).

@@ -99,29 +99,87 @@ __device__ inline float evict_group_score(const DecodeEvictParams& p, std::int64
   return o;
 }
 
-// Merges the lanes' candidates over the warp: the victim under evict_before, and the smallest
-// first-unprotected slot with its score. Every lane gets the result.
-__device__ inline void warp_merge_candidates(VictimCandidate& best, std::int32_t& first, float& first_score,
-                                             bool has_scores) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const VictimCandidate o = shfl_candidate(best, offset);
-    if (evict_before(o, best, has_scores)) best = o;
-    const std::int32_t f = __shfl_xor_sync(kFullMask, first, offset);
-    const float fs = __shfl_xor_sync(kFullMask, first_score, offset);
-    if (f < first) {
-      first = f;
-      first_score = fs;
+// A running victim candidate: the best slot under evict_before (NaN scores never), and the first
+// unprotected slot with its score (the CPU's NaN rule looks at a head's first unprotected slot).
+// A thread visits its slots in ascending order, then the scans merge over the warp, the block,
+// and across chunks (EvictPartial).
+struct CandidateScan {
+  VictimCandidate best{0.0f, 0, -1};
+  std::int32_t first = INT32_MAX;  // INT32_MAX: none
+  float first_score = 0.0f;
+
+  __device__ static CandidateScan of(const EvictPartial& part) { return {part.best, part.first, part.first_score}; }
+  [[nodiscard]] __device__ EvictPartial partial() const { return {best, first, first_score}; }
+
+  // Slot j (unprotected, score s, position pos), visited after every smaller slot of this scan.
+  __device__ void visit(std::int64_t j, float s, std::int32_t pos, bool has_scores) {
+    if (first == INT32_MAX) {
+      first = static_cast<std::int32_t>(j);
+      first_score = s;
+    }
+    if (has_scores && is_nan(s)) return;
+    const VictimCandidate cand{s, pos, static_cast<std::int32_t>(j)};
+    if (evict_before(cand, best, has_scores)) best = cand;
+  }
+  __device__ void merge(const EvictPartial& part, bool has_scores) {
+    if (evict_before(part.best, best, has_scores)) best = part.best;
+    if (part.first < first) {
+      first = part.first;
+      first_score = part.first_score;
     }
   }
+  // Over the warp; every lane gets the result.
+  __device__ void merge_warp(bool has_scores) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const VictimCandidate o = shfl_candidate(best, offset);
+      if (evict_before(o, best, has_scores)) best = o;
+      const std::int32_t f = __shfl_xor_sync(kFullMask, first, offset);
+      const float fs = __shfl_xor_sync(kFullMask, first_score, offset);
+      if (f < first) {
+        first = f;
+        first_score = fs;
+      }
+    }
+  }
+  // Over the block (every thread calls it; s_warps holds kThreads / 32 entries); warp 0 gets the
+  // result. The leading barrier lets a loop merge once per work item with the same s_warps.
+  template <int kThreads>
+  __device__ void merge_block(bool has_scores, EvictPartial* s_warps) {
+    const int lane = static_cast<int>(threadIdx.x) & 31;
+    const int warp = static_cast<int>(threadIdx.x) >> 5;
+    merge_warp(has_scores);
+    __syncthreads();
+    if (lane == 0) s_warps[warp] = partial();
+    __syncthreads();
+    if (warp == 0) {
+      *this = lane < kThreads / 32 ? of(s_warps[lane]) : CandidateScan{};
+      merge_warp(has_scores);
+    }
+  }
+  // The head's victim once every candidate is merged: a NaN in its first unprotected slot is the
+  // victim, NaNs elsewhere never are; -1 when every slot is protected.
+  [[nodiscard]] __device__ std::int32_t victim(bool has_scores) const {
+    return (has_scores && first != INT32_MAX && is_nan(first_score)) ? first : best.slot;
+  }
+};
+
+// Leaves a rejected step's verdict (kind 1: not finite, 2: a head without a victim) in host-mapped
+// memory for the host, unless an earlier one still waits there. deferred == nullptr: immediate
+// verdicts, nothing to do.
+__device__ inline void record_deferred_verdict(std::int32_t* deferred, std::int32_t kind, std::int32_t head,
+                                               std::int32_t step) {
+  if (deferred == nullptr || kind == 0 || *reinterpret_cast<volatile std::int32_t*>(deferred) != 0) return;
+  deferred[1] = head;
+  deferred[2] = step;
+  __threadfence_system();  // the host reads kind first, then the fields
+  *reinterpret_cast<volatile std::int32_t*>(deferred) = kind;
 }
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) decode_evict_kernel(DecodeEvictParams p) {
   namespace cg = cooperative_groups;
-  __shared__ VictimCandidate s_best[32];
-  __shared__ std::int32_t s_first[32];
-  __shared__ float s_first_score[32];
+  __shared__ EvictPartial s_warps[kThreads / 32];
   cg::grid_group grid = cg::this_grid();
   const bool has_scores = p.probs != nullptr;
   const std::int64_t items = static_cast<std::int64_t>(p.layer.num_kv_heads) * p.chunks_per_head;
@@ -151,38 +209,14 @@ __global__ void __launch_bounds__(kThreads) decode_evict_kernel(DecodeEvictParam
     const std::int64_t c = item - h * p.chunks_per_head;
     const std::int64_t n = p.layer.lens.v[h];
     const std::int32_t* pos = p.layer.head_positions(h);
-    VictimCandidate best{0.0f, 0, -1};
-    std::int32_t first = INT32_MAX;
-    float first_score = 0.0f;
+    CandidateScan scan;
     const std::int64_t end = min(n, (c + 1) * kEvictChunk);
-    for (std::int64_t j = c * kEvictChunk + threadIdx.x; j < end; j += kThreads) {
-      if (p.protects(pos[j])) continue;
-      const float s = has_scores ? evict_group_score(p, h, j) : 0.0f;
-      if (first == INT32_MAX) {  // slots ascend per thread: the thread's first is its smallest
-        first = static_cast<std::int32_t>(j);
-        first_score = s;
-      }
-      const VictimCandidate cand{s, pos[j], static_cast<std::int32_t>(j)};
-      if (has_scores && is_nan(s)) continue;
-      if (evict_before(cand, best, has_scores)) best = cand;
-    }
-    warp_merge_candidates(best, first, first_score, has_scores);
-    __syncthreads();  // s_* may still be read for the previous item
-    if (lane == 0) {
-      s_best[warp] = best;
-      s_first[warp] = first;
-      s_first_score[warp] = first_score;
-    }
-    __syncthreads();
-    if (warp == 0) {
-      best = lane < kThreads / 32 ? s_best[lane] : VictimCandidate{0.0f, 0, -1};
-      first = lane < kThreads / 32 ? s_first[lane] : INT32_MAX;
-      first_score = lane < kThreads / 32 ? s_first_score[lane] : 0.0f;
-      warp_merge_candidates(best, first, first_score, has_scores);
-      if (lane == 0) {
-        p.partials[item] = EvictPartial{best, first, first_score};
-        if (first != INT32_MAX) atomicOr(p.flags + 1 + h, 1);
-      }
+    for (std::int64_t j = c * kEvictChunk + threadIdx.x; j < end; j += kThreads)
+      if (!p.protects(pos[j])) scan.visit(j, has_scores ? evict_group_score(p, h, j) : 0.0f, pos[j], has_scores);
+    scan.merge_block<kThreads>(has_scores, s_warps);
+    if (threadIdx.x == 0) {
+      p.partials[item] = scan.partial();
+      if (scan.first != INT32_MAX) atomicOr(p.flags + 1 + h, 1);
     }
   }
   grid.sync();
@@ -206,23 +240,11 @@ __global__ void __launch_bounds__(kThreads) decode_evict_kernel(DecodeEvictParam
   }
   if (warp == 0) {
     for (std::int64_t h = blockIdx.x; h < p.layer.num_kv_heads; h += gridDim.x) {
-      VictimCandidate best{0.0f, 0, -1};
-      std::int32_t first = INT32_MAX;
-      float first_score = 0.0f;
-      for (std::int64_t c = lane; c < p.chunks_per_head; c += 32) {
-        const EvictPartial part = load_partial(p.partials + h * p.chunks_per_head + c);
-        if (evict_before(part.best, best, has_scores)) best = part.best;
-        if (part.first < first) {
-          first = part.first;
-          first_score = part.first_score;
-        }
-      }
-      warp_merge_candidates(best, first, first_score, has_scores);
-      if (lane == 0) {
-        // A NaN in the head's first unprotected slot is the victim; NaNs elsewhere never are.
-        const std::int32_t victim = (has_scores && first != INT32_MAX && is_nan(first_score)) ? first : best.slot;
-        p.victims[h] = ok ? victim : -1;
-      }
+      CandidateScan scan;
+      for (std::int64_t c = lane; c < p.chunks_per_head; c += 32)
+        scan.merge(load_partial(p.partials + h * p.chunks_per_head + c), has_scores);
+      scan.merge_warp(has_scores);
+      if (lane == 0) p.victims[h] = ok ? scan.victim(has_scores) : -1;
     }
   }
   grid.sync();
@@ -236,13 +258,7 @@ __global__ void __launch_bounds__(kThreads) decode_evict_kernel(DecodeEvictParam
       const bool nonfinite = __ldcg(p.flags) != 0;
       p.status[0] = nonfinite ? 1 : 0;
       p.status[1] = missing;
-      if (p.deferred != nullptr && (nonfinite || missing >= 0) &&
-          *reinterpret_cast<volatile std::int32_t*>(p.deferred) == 0) {
-        p.deferred[1] = missing;
-        p.deferred[2] = p.step_id;
-        __threadfence_system();  // the host reads kind first, then the fields
-        *reinterpret_cast<volatile std::int32_t*>(p.deferred) = nonfinite ? 1 : 2;
-      }
+      record_deferred_verdict(p.deferred, nonfinite ? 1 : (missing >= 0 ? 2 : 0), missing, p.step_id);
     }
     __syncthreads();  // status read the flags before they are cleared
     for (std::int64_t i = threadIdx.x; i <= p.layer.num_kv_heads; i += kThreads) p.flags[i] = 0;

@@ -239,20 +239,53 @@ inline void launch_compact(const MoveParams& p, std::int64_t items, cudaStream_t
   check_launch("CudaBackend::compact", "compact_kernel");
 }
 
-// Every word of slot src of kv-head h moves to slot dst, in each of the arrays; the block's
-// threads share the words. Loads bypass L1 (__ldcg): the evict_one kernel moves words that
-// other blocks wrote before its grid barrier.
+// Words per slot over `arrays` (K, V, positions, extras, in that order).
+__device__ inline int slot_words(const SlotArray* arrays, int num_arrays) {
+  int total = 0;
+  for (int a = 0; a < num_arrays; ++a) total += arrays[a].rows * arrays[a].width;
+  return total;
+}
+
+// Word e (< slot_words) of kv-head h's slots: its address in slot 0; `slot_stride` receives the
+// stride of its array, so slot s holds it at the returned pointer + s * slot_stride.
+__device__ inline std::uint32_t* slot_word(const SlotArray* arrays, std::int64_t h, int e, std::int64_t& slot_stride) {
+  int a = 0;
+  while (e >= arrays[a].rows * arrays[a].width) {
+    e -= arrays[a].rows * arrays[a].width;
+    ++a;
+  }
+  const int r = e / arrays[a].width;
+  slot_stride = arrays[a].slot_stride;
+  return arrays[a].base + (h * arrays[a].rows + r) * arrays[a].row_stride + (e - r * arrays[a].width);
+}
+
+// Words of a slot a thread loads before it stores any in move_slot.
+inline constexpr int kMoveWordsPerThread = 4;
+
+// Every word of slot src of kv-head h from word first_word on moves to slot dst (src != dst), in
+// each of the arrays; the block's threads share the words, each loading kMoveWordsPerThread before
+// it stores any (one memory round trip per round, not one per array). Loads bypass L1 (__ldcg):
+// the evict_one kernel moves words that other blocks wrote before its grid barrier.
 __device__ inline void move_slot(const SlotArray* arrays, int num_arrays, std::int64_t h, std::int64_t src,
-                                 std::int64_t dst) {
-  for (int a = 0; a < num_arrays; ++a) {
-    const SlotArray arr = arrays[a];
-    const int words = arr.rows * arr.width;
-    for (int t = static_cast<int>(threadIdx.x); t < words; t += static_cast<int>(blockDim.x)) {
-      const int r = t / arr.width;
-      const int w = t - r * arr.width;
-      std::uint32_t* row = arr.base + (h * arr.rows + r) * arr.row_stride + w;
-      row[dst * arr.slot_stride] = __ldcg(row + src * arr.slot_stride);
+                                 std::int64_t dst, int first_word = 0) {
+  const int total = slot_words(arrays, num_arrays);
+  const int threads = static_cast<int>(blockDim.x);
+  for (int e0 = first_word + static_cast<int>(threadIdx.x); e0 < total; e0 += threads * kMoveWordsPerThread) {
+    std::uint32_t v[kMoveWordsPerThread];
+    std::uint32_t* at[kMoveWordsPerThread];
+#pragma unroll
+    for (int k = 0; k < kMoveWordsPerThread; ++k) {
+      at[k] = nullptr;
+      const int e = e0 + k * threads;
+      if (e >= total) continue;
+      std::int64_t stride = 0;
+      std::uint32_t* word = slot_word(arrays, h, e, stride);
+      v[k] = __ldcg(word + src * stride);
+      at[k] = word + dst * stride;
     }
+#pragma unroll
+    for (int k = 0; k < kMoveWordsPerThread; ++k)
+      if (at[k] != nullptr) *at[k] = v[k];
   }
 }
 
