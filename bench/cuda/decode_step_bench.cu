@@ -13,6 +13,9 @@
 //   iteration still ends with one synchronisation, as the attention step's does).
 // BM_CudaStep<Policy>Fused/T/d: append, then policy.attend_and_decode (deferred verdicts): the
 //   step folded into the attention's own launches (CudaBackend::attend_evict_one).
+// BM_CudaKernels<Step>/T/d: where the GPU time of BM_Cuda<Step> goes (kernel_profile.cuh): the
+//   step's GPU time without host launch latency, the same launches as one CUDA graph, and each
+//   kernel alone (counters in microseconds). For comparing steps kernel by kernel; no baseline.
 // The cache sits at its budget, so every step evicts exactly one entry; the difference to
 // BM_CudaAttentionStep is the policy's per-step overhead, host synchronisation included.
 // Bytes processed = the K and V bytes of the T entries.
@@ -20,6 +23,7 @@
 #include <cstdint>
 
 #include "cuda_bench_support.cuh"
+#include "kernel_profile.cuh"
 
 namespace kvevict::cuda_bench {
 namespace {
@@ -27,8 +31,8 @@ namespace {
 using Cache = KVCache<CudaBackend>;
 
 struct DecodeFixture {
-  DecodeFixture(std::int64_t t_, std::int64_t d_, std::int64_t layers_ = 1)
-      : t(t_), d(d_), layers(layers_), shape{layers_, kKvHeads, kQHeads, d_, t_ + 1}, cache(shape),
+  DecodeFixture(std::int64_t t_, std::int64_t d_, std::int64_t layers_ = 1, cudaStream_t stream = nullptr)
+      : t(t_), d(d_), layers(layers_), shape{layers_, kKvHeads, kQHeads, d_, t_ + 1}, cache(shape, CudaBackend(stream)),
         q(random_device(kQHeads * d_, 7)), token_k(random_device(kKvHeads * d_, 8)), token_v(random_device(kKvHeads * d_, 9)),
         probs(kQHeads * (t_ + 1)), out(kQHeads * d_), scale(1.0f / std::sqrt(static_cast<float>(d_))) {
     constexpr std::int64_t kChunk = 1024;
@@ -154,6 +158,44 @@ void BM_CudaStepH2O8Layers(benchmark::State& state) { run_step_h2o(state, StepMo
 void BM_CudaStepH2O8LayersDeferred(benchmark::State& state) { run_step_h2o(state, StepMode::deferred, kModelLayers); }
 void BM_CudaStepH2O8LayersFused(benchmark::State& state) { run_step_h2o(state, StepMode::fused, kModelLayers); }
 
+// Kernel by kernel: the attention step, and H2O's and StreamingLLM's fused steps.
+void BM_CudaKernelsAttentionStep(benchmark::State& state) {
+  if (!start(state, "per-kernel GPU time")) return;
+  const OwnedStream stream;
+  DecodeFixture f(state.range(0), state.range(1), 1, stream.get());
+  profile_step_kernels(state, f.cache.backend().stream(), [&] {
+    f.cache.backend().append(f.cache.view(0), f.token_k.data(), f.token_v.data(), 1, f.t);
+    f.attend();
+  });
+  f.counters(state);
+}
+void BM_CudaKernelsStepH2OFused(benchmark::State& state) {
+  if (!start(state, "per-kernel GPU time")) return;
+  const OwnedStream stream;
+  DecodeFixture f(state.range(0), state.range(1), 1, stream.get());
+  f.cache.backend().defer_step_errors(true);  // nothing in the step may synchronise (graph capture)
+  H2O<Cache> policy(f.cache, H2OConfig{f.t / 2, f.t - f.t / 2});
+  profile_step_kernels(state, f.cache.backend().stream(), [&] {
+    f.append_token();
+    f.attend_and_decode(policy);
+  });
+  f.cache.backend().check_step_errors();
+  f.counters(state);
+}
+void BM_CudaKernelsStepStreamingLLMFused(benchmark::State& state) {
+  if (!start(state, "per-kernel GPU time")) return;
+  const OwnedStream stream;
+  DecodeFixture f(state.range(0), state.range(1), 1, stream.get());
+  f.cache.backend().defer_step_errors(true);
+  StreamingLLM<Cache> policy(f.cache, StreamingLLMConfig{4, f.t - 4});
+  profile_step_kernels(state, f.cache.backend().stream(), [&] {
+    f.append_token();
+    f.attend_and_decode(policy);
+  });
+  f.cache.backend().check_step_errors();
+  f.counters(state);
+}
+
 // T in {1k, 4k, 16k} x head_dim in {64, 128}; GPU time from events, in microseconds.
 void decode_step_args(benchmark::internal::Benchmark* b) {
   b->ArgsProduct({{1024, 4096, 16384}, {64, 128}})->ArgNames({"T", "d"})->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -171,6 +213,9 @@ BENCHMARK(BM_CudaAttentionStep8Layers)->Apply(decode_step_args);
 BENCHMARK(BM_CudaStepH2O8Layers)->Apply(decode_step_args);
 BENCHMARK(BM_CudaStepH2O8LayersDeferred)->Apply(decode_step_args);
 BENCHMARK(BM_CudaStepH2O8LayersFused)->Apply(decode_step_args);
+BENCHMARK(BM_CudaKernelsAttentionStep)->Apply(decode_step_args)->Iterations(1);
+BENCHMARK(BM_CudaKernelsStepH2OFused)->Apply(decode_step_args)->Iterations(1);
+BENCHMARK(BM_CudaKernelsStepStreamingLLMFused)->Apply(decode_step_args)->Iterations(1);
 
 }  // namespace
 }  // namespace kvevict::cuda_bench
