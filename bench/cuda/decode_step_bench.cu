@@ -169,12 +169,14 @@ void BM_CudaKernelsAttentionStep(benchmark::State& state) {
   });
   f.counters(state);
 }
-void BM_CudaKernelsStepH2OFused(benchmark::State& state) {
+// A policy's fused step (append, attend_and_decode), kernel by kernel.
+template <class Policy, class Config>
+void profile_fused_step(benchmark::State& state, Config (*config)(std::int64_t t)) {
   if (!start(state, "per-kernel GPU time")) return;
   const OwnedStream stream;
   DecodeFixture f(state.range(0), state.range(1), 1, stream.get());
   f.cache.backend().defer_step_errors(true);  // nothing in the step may synchronise (graph capture)
-  H2O<Cache> policy(f.cache, H2OConfig{f.t / 2, f.t - f.t / 2});
+  Policy policy(f.cache, config(f.t));        // budget T: one eviction per step
   profile_step_kernels(state, f.cache.backend().stream(), [&] {
     f.append_token();
     f.attend_and_decode(policy);
@@ -182,18 +184,11 @@ void BM_CudaKernelsStepH2OFused(benchmark::State& state) {
   f.cache.backend().check_step_errors();
   f.counters(state);
 }
+void BM_CudaKernelsStepH2OFused(benchmark::State& state) {
+  profile_fused_step<H2O<Cache>>(state, +[](std::int64_t t) { return H2OConfig{t / 2, t - t / 2}; });
+}
 void BM_CudaKernelsStepStreamingLLMFused(benchmark::State& state) {
-  if (!start(state, "per-kernel GPU time")) return;
-  const OwnedStream stream;
-  DecodeFixture f(state.range(0), state.range(1), 1, stream.get());
-  f.cache.backend().defer_step_errors(true);
-  StreamingLLM<Cache> policy(f.cache, StreamingLLMConfig{4, f.t - 4});
-  profile_step_kernels(state, f.cache.backend().stream(), [&] {
-    f.append_token();
-    f.attend_and_decode(policy);
-  });
-  f.cache.backend().check_step_errors();
-  f.counters(state);
+  profile_fused_step<StreamingLLM<Cache>>(state, +[](std::int64_t t) { return StreamingLLMConfig{4, t - 4}; });
 }
 
 // T in {1k, 4k, 16k} x head_dim in {64, 128}; GPU time from events, in microseconds.
