@@ -181,6 +181,7 @@ void profile_fused_step(benchmark::State& state, Config (*config)(std::int64_t t
     f.append_token();
     f.attend_and_decode(policy);
   });
+  if (state.error_occurred()) return;  // a failed profile is reported; a throw here would end the run
   f.cache.backend().check_step_errors();
   f.counters(state);
 }
