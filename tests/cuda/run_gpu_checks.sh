@@ -3,7 +3,7 @@
 #   nvidia-smi -> dependencies -> configure (CMAKE_CUDA_ARCHITECTURES=native, build/gpu) ->
 #   build kvevict-cuda-tests + kvevict-cuda-bench (kvevict-tests / kvevict-replay in the
 #   background, build only) -> kvevict-cuda-tests -> compute-sanitizer memcheck (small shapes)
-#   -> kvevict-cuda-bench (JSON + console) -> racecheck on the shared-memory kernels if time is left.
+#   -> kvevict-cuda-bench (JSON + console + cuda_bench_tables.md) -> racecheck on the shared-memory kernels if time is left.
 # Every step is logged and timed; a failing step does not stop the later ones, but the script
 # exits non-zero if any step failed. Outputs go to $OUT (default ./gpu_out).
 #
@@ -201,6 +201,11 @@ if [[ -x "$BENCH_BIN" ]]; then
   run_step cuda-bench "$(time_for 200 10)" "$OUT/cuda_bench.txt" "$BENCH_BIN" --benchmark_min_time=0.1 \
     --benchmark_filter="${KVEVICT_BENCH_FILTER:-.}" "${REP_ARGS[@]}" \
     --benchmark_counters_tabular=true --benchmark_out="$OUT/cuda_bench.json" --benchmark_out_format=json
+  # The same results as RESULTS.md tables, each figure beside its baseline (needs python3).
+  if [[ -s "$OUT/cuda_bench.json" ]] && command -v python3 >/dev/null 2>&1; then
+    python3 "$ROOT/bench/cuda/summarize.py" "$OUT/cuda_bench.json" >"$OUT/cuda_bench_tables.md" 2>&1 ||
+      log "summarize.py failed (see cuda_bench_tables.md)"
+  fi
   if [[ -n "${KVEVICT_NSYS_FILTER:-}" ]]; then  # where the time of each kernel goes
     NSYS="$(command -v nsys 2>/dev/null || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -n 1)"
     if [[ -n "$NSYS" ]]; then
