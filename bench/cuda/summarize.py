@@ -39,24 +39,28 @@ def us(run):
     return run["real_time"] * scale
 
 
+def ratio_table(runs, out, title, base, families, arg_rows, ratio):
+    """One row per args: the baseline's time, then each family's time and its ratio(t, base)."""
+    out.append(f"\n### {title}\n")
+    out.append(f"| args | {base} | " + " | ".join(f"{f} | ratio" for f in families) + " |")
+    out.append("|---|---|" + "---|---|" * len(families))
+    for a in arg_rows:
+        b = us(runs[(base, a)])
+        cells = []
+        for f in families:
+            r = runs.get((f, a))
+            cells += [f"{us(r):.1f} us", f"**{ratio(us(r), b):.2f}**"] if r else ["-", "-"]
+        out.append(f"| {a} | {b:.1f} us | " + " | ".join(cells) + " |")
+
+
 def step_tables(runs, out):
-    arg_list = list(OrderedDict.fromkeys(a for (_, a) in runs))
-    for baseline, layered in (("BM_CudaAttentionStep", False), ("BM_CudaAttentionStep8Layers", True)):
+    for base, layered in (("BM_CudaAttentionStep", False), ("BM_CudaAttentionStep8Layers", True)):
         families = [f for f in OrderedDict.fromkeys(f for (f, _) in runs)
                     if f.startswith("BM_CudaStep") and f != "BM_CudaStepAppend" and ("8Layers" in f) == layered]
-        rows = [a for a in arg_list if (baseline, a) in runs]
-        if not families or not rows:
-            continue
-        out.append(f"\n### Decode step vs {baseline} (ratio = step / baseline)\n")
-        out.append("| args | " + baseline + " | " + " | ".join(f"{f} | ÷" for f in families) + " |")
-        out.append("|---|---|" + "---|---|" * len(families))
-        for a in rows:
-            base = us(runs[(baseline, a)])
-            cells = []
-            for f in families:
-                r = runs.get((f, a))
-                cells += [f"{us(r):.1f} us", f"**{us(r) / base:.2f}**"] if r else ["-", "-"]
-            out.append(f"| {a} | {base:.1f} us | " + " | ".join(cells) + " |")
+        arg_rows = [a for (f, a) in runs if f == base]
+        if families and arg_rows:
+            ratio_table(runs, out, f"Decode step vs {base} (ratio = step / baseline)", base, families, arg_rows,
+                        lambda t, b: t / b)
 
 
 KERNEL_COUNTER = re.compile(r"^k(\d+)_(.+)_us$")
@@ -79,7 +83,7 @@ def kernel_tables(runs, out):
         out.append("|---|" + "".join("---|---|" + ("---|" if f != baseline and baseline in present else "")
                                      for f in present))
 
-        def row(label, value_of):
+        def row(value_of):
             cells = []
             for f in present:
                 v = value_of(f)
@@ -100,25 +104,16 @@ def kernel_tables(runs, out):
             out.append(f"| {i} | " + " | ".join(cells) + " |")
         for label, counter in (("sum of kernels", "sum_kernels_us"), ("step (queued)", "gpu_step_us"),
                                ("graph replay", "graph_us")):
-            out.append(f"| {label} | " + " | ".join(row(label, lambda f, c=counter: runs[(f, a)].get(c))) + " |")
+            out.append(f"| {label} | " + " | ".join(row(lambda f, c=counter: runs[(f, a)].get(c))) + " |")
 
 
 def compaction_table(runs, out):
     base = "BM_CudaMemcpyD2D"
-    rows = [a for (f, a) in runs if f == base]
-    others = [f for f in ("BM_CudaCompact", "BM_CudaGatherRows") if any((f, a) in runs for a in rows)]
-    if not rows or not others:
-        return
-    out.append(f"\n### Compaction vs {base} (ratio = memcpy time / time: bandwidth ratio)\n")
-    out.append(f"| args | {base} | " + " | ".join(f"{f} | ratio" for f in others) + " |")
-    out.append("|---|---|" + "---|---|" * len(others))
-    for a in rows:
-        b = us(runs[(base, a)])
-        cells = []
-        for f in others:
-            r = runs.get((f, a))
-            cells += [f"{us(r):.1f} us", f"**{b / us(r):.2f}**"] if r else ["-", "-"]
-        out.append(f"| {a} | {b:.1f} us | " + " | ".join(cells) + " |")
+    arg_rows = [a for (f, a) in runs if f == base]
+    families = [f for f in ("BM_CudaCompact", "BM_CudaGatherRows") if any((f, a) in runs for a in arg_rows)]
+    if families:
+        ratio_table(runs, out, f"Compaction vs {base} (ratio = memcpy time / time: bandwidth ratio)", base, families,
+                    arg_rows, lambda t, b: b / t)
 
 
 def main(argv):
