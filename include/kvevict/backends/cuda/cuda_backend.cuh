@@ -339,13 +339,8 @@ class CudaBackend {
     if (defer_) throw_deferred(where);  // an earlier step's rejection, if its kernel has finished
     cuda::detail::DecodeEvictParams p{};
     p.layer = cuda::detail::make_device_layer(where, v);
-    if (step.probs != nullptr) {
-      cuda::require_device_pointer(where, "step.probs", step.probs);
-      cuda::require_device_pointer(where, "step.q_scores", step.q_scores);
-      if (step.fresh_from == nullptr)
-        kvevict::detail::fail<ArgumentError>(where, "step.fresh_from", "null", "must point at [kv_head] host counts");
-      p.fresh_from = clamp_fresh(v, step.fresh_from);
-    }
+    if (step.probs != nullptr) cuda::require_device_pointer(where, "step.probs", step.probs);
+    set_step_fields(where, v, step, p);
     if (max_evict_blocks_ < 0) max_evict_blocks_ = cuda::detail::max_decode_evict_blocks(&num_sms_);
     if (max_evict_blocks_ == 0)
       kvevict::detail::fail<UnsupportedError>(where, "device", "no cooperative launch",
@@ -353,30 +348,18 @@ class CudaBackend {
     p.probs = step.probs;
     p.probs_stride = step.probs_stride;
     p.probs_count = step.probs != nullptr ? v.num_q_heads * step.probs_stride : 0;
-    p.q_scores = step.q_scores;
-    p.agg = step.agg;
-    p.sink_end = step.rule.sink_end;
-    p.recent_begin = step.rule.recent_begin;
     p.chunks_per_head = static_cast<std::int32_t>(
         cuda::detail::ceil_div(std::max<std::int64_t>(p.layer.max_len, 1), cuda::detail::kEvictChunk));
     const std::int64_t items = v.num_kv_heads * p.chunks_per_head;
     require_workspace(where, "eviction partials", items, sizes_.evict_partials);
-    ensure_status();
     p.partials = evict_partials_.data();
     p.flags = evict_flags_.data();
-    p.victims = evict_victims_.data();
-    p.status = status_.data();
     // At least one block per multiprocessor: the NaN/Inf scan covers all q_head x probs_stride
     // floats, however few chunks the heads have.
     const int blocks = static_cast<int>(
         std::min<std::int64_t>(max_evict_blocks_, std::max<std::int64_t>({items, v.num_kv_heads, num_sms_})));
-    queue_step_moves(v, extras, p.layer, [&](const cuda::detail::MoveParams& group) {
-      for (std::int32_t a = 0; a < group.num_arrays; ++a) p.arrays[a] = group.arrays[a];
-      p.num_arrays = group.num_arrays;
-      if (defer_) {
-        p.deferred = deferred_device_;
-        p.step_id = static_cast<std::int32_t>(++deferred_steps_ & 0x7fffffff);
-      }
+    queue_step_moves(v, extras, p.layer, p, [&] {
+      if (defer_) p.step_id = static_cast<std::int32_t>(++deferred_steps_ & 0x7fffffff);
       cuda::detail::launch_decode_evict(p, blocks, stream_);
       if (defer_) return;
       read_status(2, where);
@@ -409,42 +392,23 @@ class CudaBackend {
     }
     if (defer_) throw_deferred(where);  // an earlier step's rejection, if its kernel has finished
     cuda::detail::AttendEvictParams p{};
-    if (step.probs != nullptr) {
-      cuda::require_device_pointer(where, "step.q_scores", step.q_scores);
-      if (step.fresh_from == nullptr)
-        kvevict::detail::fail<ArgumentError>(where, "step.fresh_from", "null", "must point at [kv_head] host counts");
-      p.fresh_from = clamp_fresh(v, step.fresh_from);
-      p.q_scores = step.q_scores;
-    }
+    set_step_fields(where, v, step, p);
     const std::int64_t max_chunks = partial_.size() / (v.num_q_heads * v.head_dim);
     const std::int64_t chunks = cuda::detail::ceil_div(layer.max_len, cuda::detail::kAttendChunk);
     require_workspace(where, "attend partial sums", chunks, max_chunks);
     p.chunks_per_head = static_cast<std::int32_t>(
         cuda::detail::ceil_div(v.capacity, cuda::detail::kScoreChunk<cuda::detail::kAttendThreads>));
     require_workspace(where, "attention eviction candidates", v.num_kv_heads * p.chunks_per_head, sizes_.attend_partials);
-    ensure_status();
     attend_steps_ = attend_steps_ == INT32_MAX ? 1 : attend_steps_ + 1;  // an id the flag does not hold
     p.attend = {layer, att.probs, v.capacity, partial_.data(), max_chunks, att.out};
-    p.agg = step.agg;
-    p.sink_end = step.rule.sink_end;
-    p.recent_begin = step.rule.recent_begin;
     p.partials = attend_partials_.data();
     p.nonfinite = attend_nonfinite_.data();
     p.step_id = attend_steps_;
-    p.victims = evict_victims_.data();
-    p.status = status_.data();
-    if (defer_) {
-      p.deferred = deferred_device_;
-      p.deferred_step = static_cast<std::int32_t>(++deferred_steps_ & 0x7fffffff);
-    }
+    if (defer_) p.deferred_step = static_cast<std::int32_t>(++deferred_steps_ & 0x7fffffff);
     cuda::detail::launch_group_logits({layer, att.q, v.head_dim, att.scale, INT64_MAX, att.probs, v.capacity}, stream_, where);
     cuda::detail::launch_softmax_rows({layer, att.probs, v.capacity, nullptr, 0, {}, false, attend_nonfinite_.data(), attend_steps_},
                                       stream_, where);
-    queue_step_moves(v, extras, layer, [&](const cuda::detail::MoveParams& group) {
-      for (std::int32_t a = 0; a < group.num_arrays; ++a) p.arrays[a] = group.arrays[a];
-      p.num_arrays = group.num_arrays;
-      cuda::detail::launch_attend_evict(p, stream_);
-    });
+    queue_step_moves(v, extras, layer, p, [&] { cuda::detail::launch_attend_evict(p, stream_); });
     if (defer_) return;
     read_status(2, where);
     if (host_status_.data()[0] != 0)
@@ -722,12 +686,33 @@ class CudaBackend {
     }
   }
 
+  // The fields evict_one and attend_evict_one fill alike from the step (their checks included);
+  // with probabilities the step scores into step.q_scores, without it ranks by recency.
+  void set_step_fields(const char* where, const LayerView<float>& v, const DecodeEviction& step,
+                       cuda::detail::StepEvictFields& f) {
+    if (step.probs != nullptr) {
+      cuda::require_device_pointer(where, "step.q_scores", step.q_scores);
+      if (step.fresh_from == nullptr)
+        kvevict::detail::fail<ArgumentError>(where, "step.fresh_from", "null", "must point at [kv_head] host counts");
+      f.q_scores = step.q_scores;
+      f.fresh_from = clamp_fresh(v, step.fresh_from);
+    }
+    f.agg = step.agg;
+    f.sink_end = step.rule.sink_end;
+    f.recent_begin = step.rule.recent_begin;
+    ensure_status();
+    f.victims = evict_victims_.data();
+    f.status = status_.data();
+    if (defer_) f.deferred = deferred_device_;
+  }
+
   // The moves of a single-eviction step, in groups of kMaxSlotArrays arrays (K, V, positions, then
-  // the extras): `first(group)` queues the kernel that picks the victims into evict_victims_ and
-  // moves the first group; the plain replacement kernel moves each later group from those victims.
+  // the extras): the first group goes into f.arrays and `first()` queues the kernel that picks the
+  // victims into evict_victims_ and moves it; the plain replacement kernel moves each later group
+  // from those victims.
   template <class First>
   void queue_step_moves(const LayerView<float>& v, std::span<const SlotExtra> extras, const cuda::detail::DeviceLayer& layer,
-                        First&& first) {
+                        cuda::detail::StepEvictFields& f, First&& first) {
     cuda::detail::MoveParams moves{};
     moves.num_kv_heads = layer.num_kv_heads;
     moves.capacity = v.capacity;
@@ -737,7 +722,9 @@ class CudaBackend {
     for_each_array_group(v, extras, moves, [&](cuda::detail::MoveParams& group, std::int64_t /*words_per_slot*/) {
       if (is_first) {
         is_first = false;
-        first(group);
+        for (std::int32_t a = 0; a < group.num_arrays; ++a) f.arrays[a] = group.arrays[a];
+        f.num_arrays = group.num_arrays;
+        first();
       } else {
         cuda::detail::launch_replace_with_last(group, stream_);
       }

@@ -40,25 +40,12 @@ inline constexpr int kScoreSlotsPerThread = 2;
 template <int kThreads>
 inline constexpr std::int64_t kScoreChunk = static_cast<std::int64_t>(kThreads) * kScoreSlotsPerThread;
 
-struct AttendEvictParams {
-  AttendParams attend;          // probs [q_head, capacity], partial sums, out
-  float* q_scores;              // [q_head, capacity] running sums, or nullptr: rank by recency
-  PerHead fresh_from;           // [kv_head] slots >= this start from 0 (clamped to [0, capacity])
-  GroupAgg agg;
-  std::int64_t sink_end;        // ProtectRule
-  std::int64_t recent_begin;
-  SlotArray arrays[kMaxSlotArrays];  // moved from the newest slot to the victim: K, V, positions, extras
-  std::int32_t num_arrays;
-  std::int32_t chunks_per_head;      // partials per kv-head: ceil(capacity / kScoreChunk)
-  EvictPartial* partials;            // [kv_head, chunks_per_head]
+struct AttendEvictParams : StepEvictFields {
+  AttendParams attend;               // probs [q_head, capacity], partial sums, out
   const std::int32_t* nonfinite;     // == step_id when the softmax found a row that is not finite
   std::int32_t step_id;              // never 0
-  std::int32_t* victims;             // [kv_head] out (-1: nothing moved)
-  std::int32_t* status;              // [2] out: 1 if not finite; smallest head without a victim, or INT32_MAX
-  std::int32_t* deferred;            // host-mapped {kind, kv_head, step} (nullptr: immediate verdicts)
-  std::int32_t deferred_step;
+  std::int32_t deferred_step;        // the deferred verdict's step (status[1]: INT32_MAX when every head has a victim)
 
-  __device__ bool protects(std::int64_t pos) const { return pos < sink_end || pos >= recent_begin; }
   // Only a step that scores with the probabilities rejects them (evict_one's rule); a recency
   // step evicts whatever the attention computed.
   __device__ bool rejected() const { return q_scores != nullptr && *nonfinite == step_id; }

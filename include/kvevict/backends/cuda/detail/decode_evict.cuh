@@ -50,30 +50,36 @@ __device__ inline EvictPartial load_partial(const EvictPartial* part) {
   return r;
 }
 
-struct DecodeEvictParams {
-  DeviceLayer layer;
-  const float* probs;          // [q_head, probs_stride] (one query), or nullptr: rank by recency
-  std::int64_t probs_stride;
-  std::int64_t probs_count;    // elements checked for NaN/Inf: q_head * probs_stride
-  float* q_scores;             // [q_head, capacity] running sums; with probs only
+// What the kernels of a single-eviction step share (evict_one's decode_evict_kernel and
+// attend_evict_one's fused kernels): how slots score and which are protected, where the chunk
+// candidates and the victims go, what moves into the victim, where the verdict goes.
+struct StepEvictFields {
+  float* q_scores;             // [q_head, capacity] running sums, or nullptr: rank by recency
   PerHead fresh_from;          // [kv_head] slots >= this start from 0 (clamped to [0, capacity])
   GroupAgg agg;
   std::int64_t sink_end;       // ProtectRule
   std::int64_t recent_begin;
   SlotArray arrays[kMaxSlotArrays];  // moved from the newest slot to the victim: K, V, positions, extras
   std::int32_t num_arrays;
-  std::int32_t chunks_per_head;
-  EvictPartial* partials;      // [kv_head, chunks_per_head]
-  std::int32_t* flags;         // [1 + kv_head], zero between launches: non-finite seen; head h has an unprotected entry
-  std::int32_t* victims;       // [kv_head] out (-1 when the step was rejected)
-  std::int32_t* status;        // [2] out: 1 if a probability was not finite; first head without a victim, or -1
+  std::int32_t chunks_per_head;      // candidates per kv-head
+  EvictPartial* partials;            // [kv_head, chunks_per_head]
+  std::int32_t* victims;             // [kv_head] out (-1: nothing moved)
+  std::int32_t* status;              // [2] out: [0] 1 if the step was not finite; [1] a head without a victim
   // Deferred verdicts (nullptr: off): host-mapped [3] {kind, kv_head, step}, written by a rejected
-  // step only while kind is 0 (the earliest rejection waits there for the host). kind 1: a
-  // non-finite probability; 2: a head without an unprotected entry.
+  // step only while kind is 0 (the earliest rejection waits there for the host). kind 1: not
+  // finite; 2: a head without an unprotected entry.
   std::int32_t* deferred;
-  std::int32_t step_id;
 
   __device__ bool protects(std::int64_t pos) const { return pos < sink_end || pos >= recent_begin; }
+};
+
+struct DecodeEvictParams : StepEvictFields {
+  DeviceLayer layer;
+  const float* probs;          // [q_head, probs_stride] (one query), or nullptr: rank by recency
+  std::int64_t probs_stride;
+  std::int64_t probs_count;    // elements checked for NaN/Inf: q_head * probs_stride
+  std::int32_t* flags;         // [1 + kv_head], zero between launches: non-finite seen; head h has an unprotected entry
+  std::int32_t step_id;        // the deferred verdict's step (status[1]: -1 when every head has a victim)
 };
 static_assert(std::is_trivially_copyable_v<DecodeEvictParams>);
 
