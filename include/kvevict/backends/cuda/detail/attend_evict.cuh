@@ -44,7 +44,7 @@ struct AttendEvictParams : StepEvictFields {
   AttendParams attend;               // probs [q_head, capacity], partial sums, out
   const std::int32_t* nonfinite;     // == step_id when the softmax found a row that is not finite
   std::int32_t step_id;              // never 0
-  std::int32_t deferred_step;        // the deferred verdict's step (status[1]: INT32_MAX when every head has a victim)
+  std::int32_t deferred_step;        // the deferred verdict's step
 
   // Only a step that scores with the probabilities rejects them (evict_one's rule); a recency
   // step evicts whatever the attention computed.

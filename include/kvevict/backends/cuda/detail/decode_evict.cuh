@@ -64,7 +64,9 @@ struct StepEvictFields {
   std::int32_t chunks_per_head;      // candidates per kv-head
   EvictPartial* partials;            // [kv_head, chunks_per_head]
   std::int32_t* victims;             // [kv_head] out (-1: nothing moved)
-  std::int32_t* status;              // [2] out: [0] 1 if the step was not finite; [1] a head without a victim
+  std::int32_t* status;              // [2] out: [0] 1 if the step was not finite; [1] the lowest head
+                                     // without a victim (none: -1 from decode_evict, INT32_MAX from
+                                     // attend_evict)
   // Deferred verdicts (nullptr: off): host-mapped [3] {kind, kv_head, step}, written by a rejected
   // step only while kind is 0 (the earliest rejection waits there for the host). kind 1: not
   // finite; 2: a head without an unprotected entry.
@@ -79,7 +81,7 @@ struct DecodeEvictParams : StepEvictFields {
   std::int64_t probs_stride;
   std::int64_t probs_count;    // elements checked for NaN/Inf: q_head * probs_stride
   std::int32_t* flags;         // [1 + kv_head], zero between launches: non-finite seen; head h has an unprotected entry
-  std::int32_t step_id;        // the deferred verdict's step (status[1]: -1 when every head has a victim)
+  std::int32_t step_id;        // the deferred verdict's step
 };
 static_assert(std::is_trivially_copyable_v<DecodeEvictParams>);
 
@@ -172,7 +174,9 @@ struct CandidateScan {
 
 // Leaves a rejected step's verdict (kind 1: not finite, 2: a head without a victim) in host-mapped
 // memory for the host, unless an earlier one still waits there. deferred == nullptr: immediate
-// verdicts, nothing to do.
+// verdicts, nothing to do. Callers from several blocks of one launch (attend_reduce_evict: one per
+// head without a victim) may pass the kind check together; all write the same kind and step, so the
+// host reads one of their heads, not necessarily the lowest that the immediate verdict names.
 __device__ inline void record_deferred_verdict(std::int32_t* deferred, std::int32_t kind, std::int32_t head,
                                                std::int32_t step) {
   if (deferred == nullptr || kind == 0 || *reinterpret_cast<volatile std::int32_t*>(deferred) != 0) return;
