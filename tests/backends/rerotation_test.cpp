@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "kvevict/kvevict.hpp"
@@ -141,4 +142,23 @@ TEST_CASE("RopeSpec::check rejects an odd, zero, negative or too large rotary_di
   }
   REQUIRE_NOTHROW(RopeSpec{10000.0, 2, RopeLayout::halves}.check("test", 8));
   REQUIRE_NOTHROW(RopeSpec{10000.0, 8, RopeLayout::halves}.check("test", 8));
+}
+
+TEST_CASE("CpuBackend::rotate_keys rejects an odd or too large rotary_dim and a base <= 1 before rotating anything",
+          "[backends][cpu][rope]") {
+  // A full cache: a rotary_dim past head_dim would otherwise write into the next slot, or past the
+  // buffer at the last one.
+  Cache cache(CacheShape{1, 2, 2, 8, 6});
+  test::append_source(cache, 5, 0, 6);
+  const std::uint64_t before = cache.state_hash();
+  for (const auto& [rd, needle] : {std::pair<std::int64_t, const char*>{7, "'rope.rotary_dim' = 7"},
+                                   {10, "'rope.rotary_dim' = 10"}, {0, "'rope.rotary_dim' = 0"}}) {
+    const RopeSpec r{10000.0, rd, RopeLayout::interleaved_pairs};
+    test::require_throws_exactly<ArgumentError>([&] { cache.backend().rotate_keys(cache.view(0), 0, 3, r); }, needle);
+    REQUIRE(cache.state_hash() == before);
+  }
+  const RopeSpec bad_base{1.0, 8, RopeLayout::halves};
+  test::require_throws_exactly<ArgumentError>([&] { cache.backend().rotate_keys(cache.view(0), 0, 3, bad_base); },
+                                              "'rope.base' = 1");
+  REQUIRE(cache.state_hash() == before);
 }

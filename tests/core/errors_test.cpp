@@ -8,6 +8,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvevict/kvevict.hpp"
@@ -28,6 +29,14 @@ template <class E, class F>
 void require_rejected(const Cache& cache, F&& fn, std::string_view needle) {
   const std::uint64_t before = cache.state_hash();
   require_throws_exactly<E>(std::forward<F>(fn), needle);
+  REQUIRE(cache.state_hash() == before);
+}
+
+// The same for a state error (no single argument to name): E whose message contains `text`.
+template <class E, class F>
+void require_state_rejected(const Cache& cache, F&& fn, std::string_view text) {
+  const std::uint64_t before = cache.state_hash();
+  test::require_state_error<E>(std::forward<F>(fn), text);
   REQUIRE(cache.state_hash() == before);
 }
 
@@ -172,9 +181,11 @@ TEST_CASE("append rejects a bad layer, token count, null or mis-sized spans and 
   // Spans sized for 1 token but num_tokens = 3.
   require_rejected<ShapeError>(cache, [&] { cache.append(0, test::cspan(k1), test::cspan(k1), 3); }, "keys.size");
   // Capacity 6 holds 4: 3 more do not fit, in any head.
+  const std::uint64_t before_overflow = cache.state_hash();
   const std::string msg =
-      require_throws_exactly<CapacityError>([&] { cache.append(0, test::cspan(k3), test::cspan(k3), 3); }, "num_tokens");
+      require_throws_exactly<CapacityError>([&] { cache.append(0, test::cspan(k3), test::cspan(k3), 3); }, "'num_tokens' = 3");
   CHECK_THAT(msg, Catch::Matchers::Contains("capacity 6"));
+  REQUIRE(cache.state_hash() == before_overflow);  // not even the tokens that would have fit
   REQUIRE(cache.len(0, 0) == 4);
   REQUIRE(cache.next_position(0) == 4);
   // ... while 2 do.
@@ -197,6 +208,65 @@ TEST_CASE("Accessors reject a layer or kv-head out of range with ArgumentError n
   require_throws_exactly<ArgumentError>([&] { (void)cache.keys(3, 0); }, "layer");
 }
 
+TEST_CASE("append rejects a token when any one kv-head is full, even when the others have room", "[core][errors]") {
+  const CacheShape shape{2, 2, 2, 4, 6};
+  Cache cache(shape);
+  test::append_source(cache, 2, 0, 6);
+  std::vector<std::int32_t> keep{0, 1, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5};
+  const std::vector<std::int64_t> counts{2, 6};  // head 0 holds 2 entries, head 1 is full
+  cache.apply(0, KeepPlan{keep.data(), counts.data()});
+  const auto k1 = test::source_block(2, test::Stream::key, 0, 2, 6, 1, 4);
+  require_rejected<CapacityError>(cache, [&] { cache.append_token(0, test::cspan(k1), test::cspan(k1)); }, "'num_tokens' = 1");
+  require_rejected<CapacityError>(cache, [&] { cache.append(0, test::cspan(k1), test::cspan(k1), 1); }, "'num_tokens' = 1");
+  REQUIRE(cache.len(0, 0) == 2);
+  cache.check_invariants();
+}
+
+TEST_CASE("KVCache::apply(DecodeEviction) rejects a bad layer, missing sums or fresh counts, a short stride, an empty "
+          "head and non-finite probabilities, changing nothing",
+          "[core][errors]") {
+  const CacheShape shape{2, 2, 4, 4, 8};
+  Cache cache(shape);
+  test::append_source(cache, 4, 0, 6);  // layer 1 stays empty
+  std::vector<float> probs(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 1.0f / 6.0f);
+  std::vector<float> sums(static_cast<std::size_t>(shape.num_q_heads * shape.capacity), 0.25f);
+  const std::vector<float> sums_before = sums;
+  const std::vector<std::int64_t> fresh{6, 6};
+  const ProtectRule rule{1, 5};
+  const auto step = [&](auto&& edit) {
+    DecodeEviction s{probs.data(), shape.capacity, sums.data(), fresh.data(), GroupAgg::mean, rule};
+    edit(s);
+    return s;
+  };
+  const auto same = [](DecodeEviction&) {};
+  require_rejected<ArgumentError>(cache, [&] { cache.apply(2, step(same)); }, "'layer' = 2");
+  require_rejected<ArgumentError>(cache, [&] { cache.apply(0, step([](DecodeEviction& s) { s.q_scores = nullptr; })); },
+                                  "'step.q_scores' = null");
+  require_rejected<ArgumentError>(cache, [&] { cache.apply(0, step([](DecodeEviction& s) { s.fresh_from = nullptr; })); },
+                                  "'step.fresh_from' = null");
+  require_rejected<ShapeError>(cache, [&] { cache.apply(0, step([](DecodeEviction& s) { s.probs_stride = 5; })); },
+                               "'step.probs_stride' = 5");
+  require_rejected<EmptyCacheError>(cache, [&] { cache.apply(1, step(same)); }, "'kv_head' = 0");
+  for (const float bad : {kNaN, kInf, -kInf}) {
+    probs[static_cast<std::size_t>(2 * shape.capacity + 3)] = bad;  // q-head 2, slot 3
+    require_rejected<NonFiniteError>(cache, [&] { cache.apply(0, step(same)); }, "probs");
+    probs[static_cast<std::size_t>(2 * shape.capacity + 3)] = 1.0f / 6.0f;
+  }
+  REQUIRE(sums == sums_before);
+  cache.apply(0, step(same));  // and the valid step evicts one entry per head
+  REQUIRE(cache.len(0, 0) == 5);
+  REQUIRE(cache.len(0, 1) == 5);
+}
+
+// A span's memory space is part of its type: a CPU cache does not accept device spans.
+template <class C, class S>
+concept AppendsSpan = requires(C& c, S s) {
+  c.append(0, s, s, 1);
+  c.append_token(0, s, s);
+};
+static_assert(AppendsSpan<Cache, HostSpan<const float>>);
+static_assert(!AppendsSpan<Cache, CudaSpan<const float>>);
+
 TEST_CASE("apply rejects null plans, keep counts below 0 or above len, an empty head and a dead victim slot before moving "
           "anything",
           "[core][errors]") {
@@ -209,6 +279,20 @@ TEST_CASE("apply rejects null plans, keep counts below 0 or above len, an empty 
   require_rejected<ArgumentError>(cache, [&] { cache.apply(0, KeepPlan{slots.data(), nullptr}); }, "plan");
   require_rejected<BudgetError>(cache, [&] { cache.apply(0, KeepPlan{slots.data(), too_many.data()}); }, "keep_count[1]");
   require_rejected<BudgetError>(cache, [&] { cache.apply(0, KeepPlan{slots.data(), negative.data()}); }, "keep_count[0]");
+  // Keep slots must be strictly ascending live slots, every head checked before any row moves.
+  const std::vector<std::int64_t> two{2, 2};
+  const auto keep_plan = [&](std::vector<std::int32_t> head0, std::vector<std::int32_t> head1) {
+    std::vector<std::int32_t> s(16, 0);
+    std::copy(head0.begin(), head0.end(), s.begin());
+    std::copy(head1.begin(), head1.end(), s.begin() + 8);
+    return s;
+  };
+  const auto dead_slot = keep_plan({1, 3}, {0, 5}), descending = keep_plan({2, 1}, {0, 1}),
+             repeated = keep_plan({3, 3}, {0, 1}), negative_slot = keep_plan({-1, 2}, {0, 1});
+  require_rejected<ArgumentError>(cache, [&] { cache.apply(0, KeepPlan{dead_slot.data(), two.data()}); }, "'keep_slots[1][1]' = 5");
+  require_rejected<ArgumentError>(cache, [&] { cache.apply(0, KeepPlan{descending.data(), two.data()}); }, "'keep_slots[0][1]' = 1");
+  require_rejected<ArgumentError>(cache, [&] { cache.apply(0, KeepPlan{repeated.data(), two.data()}); }, "'keep_slots[0][1]' = 3");
+  require_rejected<ArgumentError>(cache, [&] { cache.apply(0, KeepPlan{negative_slot.data(), two.data()}); }, "'keep_slots[0][0]' = -1");
   const std::vector<std::int32_t> dead_victim{1, 5};  // head 1 holds slots [0, 5)
   require_rejected<ArgumentError>(cache, [&] { cache.apply(0, ReplacePlan{dead_victim.data()}); }, "victims[1]");
   const std::vector<std::int32_t> negative_victim{-1, 0};
@@ -304,14 +388,17 @@ TEST_CASE("H2O hooks reject a layer out of range, an empty layer and a cache of 
   }
   t.require_rejected_then_same<ArgumentError>([&](Cache& c, H2O<Cache>& p) { p.make_room(c, 0, -1); }, "incoming");
   // A cache with another GQA group (8 q-heads per 2 kv-heads instead of 4), or another capacity.
-  for (const CacheShape other : {CacheShape{2, 2, 8, 8, 16}, CacheShape{2, 2, 4, 8, 17}, CacheShape{1, 2, 4, 8, 16}}) {
+  const std::pair<CacheShape, const char*> others[] = {{CacheShape{2, 2, 8, 8, 16}, "'cache.shape().num_q_heads' = 8"},
+                                                       {CacheShape{2, 2, 4, 8, 17}, "'cache.shape().capacity' = 17"},
+                                                       {CacheShape{1, 2, 4, 8, 16}, "'cache.shape().num_layers' = 1"}};
+  for (const auto& [other, field] : others) {
     Cache c(other);
     test::append_source(c, 1, 0, 4);
     const auto q8 = test::source_block(1, test::Stream::query, 0, other.num_q_heads, 3, 1, 8);
     const Obs o8 = Obs::from_queries(test::cspan(q8), 1);
-    require_rejected<ShapeError>(c, [&] { t.pa.on_decode(c, 0, o8); }, "shape");
-    require_rejected<ShapeError>(c, [&] { t.pa.on_prefill(c, 0, o8); }, "shape");
-    require_rejected<ShapeError>(c, [&] { t.pa.make_room(c, 0, 1); }, "shape");
+    require_rejected<ShapeError>(c, [&] { t.pa.on_decode(c, 0, o8); }, field);
+    require_rejected<ShapeError>(c, [&] { t.pa.on_prefill(c, 0, o8); }, field);
+    require_rejected<ShapeError>(c, [&] { t.pa.make_room(c, 0, 1); }, field);
   }
   // The failed calls left the policy's state alone: it still matches its twin.
   t.require_rejected_then_same<ArgumentError>([&](Cache& c, H2O<Cache>& p) { p.on_decode(c, 9, obs); }, "layer");
@@ -399,7 +486,7 @@ TEST_CASE("StreamingLLM hooks validate the observations they ignore and reject e
   t.require_rejected_then_same<ArgumentError>([&](Cache& c, StreamingLLM<Cache>& p) { p.make_room(c, 0, -4); }, "incoming");
   Cache other(CacheShape{2, 1, 1, 4, 12});
   test::append_source(other, 1, 0, 3);
-  require_rejected<ShapeError>(other, [&] { t.pa.on_decode(other, 0, Obs::none()); }, "shape");
+  require_rejected<ShapeError>(other, [&] { t.pa.on_decode(other, 0, Obs::none()); }, "cache.shape().");
 }
 
 TEST_CASE("pos-shift refuses, before changing anything, to evict when kv-heads would evict different numbers of "
@@ -415,8 +502,8 @@ TEST_CASE("pos-shift refuses, before changing anything, to evict when kv-heads w
   for (std::int32_t i = 0; i < 7; ++i) slots[static_cast<std::size_t>(12 + i)] = i + 3;
   const std::vector<std::int64_t> count{10, 7};
   cache.apply(0, KeepPlan{slots.data(), count.data()});
-  require_rejected<UnsupportedError>(cache, [&] { policy.on_prefill(cache, 0, Obs::none()); }, "pos-shift");
-  require_rejected<UnsupportedError>(cache, [&] { policy.make_room(cache, 0, 1); }, "pos-shift");
+  require_state_rejected<UnsupportedError>(cache, [&] { policy.on_prefill(cache, 0, Obs::none()); }, "pos-shift");
+  require_state_rejected<UnsupportedError>(cache, [&] { policy.make_room(cache, 0, 1); }, "pos-shift");
 }
 
 TEST_CASE("Every kvevict error derives from kvevict::Error and std::runtime_error and carries its code",

@@ -326,6 +326,14 @@ TEST_CASE("state_hash is equal for equal states and changes with any key, value,
   d.apply(0, KeepPlan{keep.data(), none.data()});
   REQUIRE(d.next_position(0) == 1);
   REQUIRE(d.state_hash() != h0);
+  // next_position alone: an all-zero token at position 0, appended and dropped again, leaves every
+  // row, position and length byte as a fresh cache has them.
+  Cache e(shape);
+  const std::vector<float> zeros(static_cast<std::size_t>(shape.num_kv_heads * shape.head_dim), 0.0f);
+  e.append_token(0, test::cspan(zeros), test::cspan(zeros));
+  e.apply(0, KeepPlan{keep.data(), none.data()});
+  REQUIRE(e.next_position(0) == 1);
+  REQUIRE(e.state_hash() != Cache(shape).state_hash());
 }
 
 TEST_CASE("check_invariants throws InvariantError for a position held twice or at/after next_position",
@@ -336,11 +344,11 @@ TEST_CASE("check_invariants throws InvariantError for a position held twice or a
   REQUIRE_NOTHROW(cache.check_invariants());
   auto v = cache.view(1);
   v.head_positions(1)[3] = 1;
-  test::require_throws_exactly<InvariantError>([&] { cache.check_invariants(); }, "held twice");
+  test::require_state_error<InvariantError>([&] { cache.check_invariants(); }, "held twice");
   v.head_positions(1)[3] = 5;
-  test::require_throws_exactly<InvariantError>([&] { cache.check_invariants(); }, "outside [0, next_position)");
+  test::require_state_error<InvariantError>([&] { cache.check_invariants(); }, "outside [0, next_position)");
   v.head_positions(1)[3] = -1;
-  test::require_throws_exactly<InvariantError>([&] { cache.check_invariants(); }, "outside [0, next_position)");
+  test::require_state_error<InvariantError>([&] { cache.check_invariants(); }, "outside [0, next_position)");
   v.head_positions(1)[3] = 3;
   REQUIRE_NOTHROW(cache.check_invariants());
 }

@@ -1083,7 +1083,7 @@ TEST_CASE("CAKE's constructor names the bad parameter: window < 2, tau <= 0, bud
   test::require_throws_exactly<BudgetError>([&] { make(cfg); }, "cache_size");
   cfg = small_config();
   cfg.cache_size = 64;  // == capacity: no free slot for the decoded token
-  test::require_throws_exactly<BudgetError>([&] { make(cfg); }, "capacity");
+  test::require_throws_exactly<BudgetError>([&] { make(cfg); }, "'cache_size' = 64");
   cfg = small_config();
   cfg.kernel = 4;
   test::require_throws_exactly<ArgumentError>([&] { make(cfg); }, "'kernel' = 4");
@@ -1176,7 +1176,7 @@ TEST_CASE("CAKE rejects out-of-order, malformed and ill-timed calls without chan
         cache, policy, [&] { policy.on_decode(cache, 0, Obs::from_queries(test::cspan(q2), 2)); }, "'num_queries' = 2");
     const auto q = window_queries(src, 0, q_heads, prompt + 2, 1);
     policy.on_decode(cache, 0, Obs::from_queries(test::cspan(q), 1));
-    require_rejected_unchanged<UnsupportedError>(cache, policy, [&] { policy.on_prefill(cache, 0, obs1); }, "reset()");
+    require_rejected_unchanged<UnsupportedError>(cache, policy, [&] { policy.on_prefill(cache, 0, obs1); }, "'layer' = 0");
   }
   SECTION("a cache of another shape") {
     Cache other(CacheShape{layers, 1, q_heads, 8, cake_capacity(cfg, prompt) + 5});
@@ -1184,7 +1184,7 @@ TEST_CASE("CAKE rejects out-of-order, malformed and ill-timed calls without chan
     const std::uint64_t hash = other.state_hash();
     const PolicyState before = state_of(policy, cache);
     test::require_throws_exactly<ShapeError>([&] { policy.on_prefill(other, 0, Obs::from_queries(test::cspan(q0), cfg.window)); },
-                                             "shape");
+                                             "cache.shape().");
     CHECK(other.state_hash() == hash);
     CHECK(state_of(policy, cache) == before);
   }

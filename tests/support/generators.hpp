@@ -156,10 +156,22 @@ void append_source(Cache& cache, std::uint64_t seed, std::int64_t layer, std::in
   cache.append(layer, cspan(k), cspan(v), num_tokens);
 }
 
-// Runs `fn` and requires that it throws exactly E (not a sibling or a base) whose message contains
-// `needle` (the argument's name). Returns the message for further checks.
+// Whether `message` names an argument and its value the way detail::fail writes them
+// ("argument 'name' = value: rule"): `needle` is the name or its start ("victims["), or, quoted, the
+// name and the value ("'head_dim' = -7").
+inline bool names_argument(const std::string& message, std::string_view needle) {
+  if (!needle.empty() && needle.front() == '\'') return message.find("argument " + std::string(needle)) != std::string::npos;
+  const std::string head = "argument '" + std::string(needle);
+  const std::size_t at = message.find(head);
+  if (at == std::string::npos) return false;
+  const std::size_t close = message.find('\'', at + head.size());  // the name's closing quote
+  return close != std::string::npos && message.compare(close, 4, "' = ") == 0 && close + 4 < message.size() &&
+         message[close + 4] != ':';
+}
+
+// Runs `fn` and requires that it throws exactly E (not a sibling or a base); returns the message.
 template <class E, class F>
-std::string require_throws_exactly(F&& fn, std::string_view needle) {
+std::string throws_exactly(F&& fn) {
   std::string message;
   bool thrown = false;
   try {
@@ -169,9 +181,28 @@ std::string require_throws_exactly(F&& fn, std::string_view needle) {
     message = e.what();
     CHECK(typeid(e) == typeid(E));
   }
-  INFO("expected exception type " << typeid(E).name() << " naming '" << needle << "'");
+  INFO("expected exception type " << typeid(E).name());
   REQUIRE(thrown);
-  CHECK_THAT(message, Catch::Matchers::Contains(std::string(needle)));
+  return message;
+}
+
+// Exactly E, whose message names the argument `needle` and a value (names_argument). Returns the
+// message for further checks.
+template <class E, class F>
+std::string require_throws_exactly(F&& fn, std::string_view needle) {
+  INFO("naming '" << needle << "'");
+  std::string message = throws_exactly<E>(std::forward<F>(fn));
+  INFO("message: " << message);
+  CHECK(names_argument(message, needle));
+  return message;
+}
+
+// The same for an error about the state of an object rather than one argument (a broken invariant,
+// an unsupported combination): exactly E, whose message contains `text`.
+template <class E, class F>
+std::string require_state_error(F&& fn, std::string_view text) {
+  std::string message = throws_exactly<E>(std::forward<F>(fn));
+  CHECK_THAT(message, Catch::Matchers::Contains(std::string(text)));
   return message;
 }
 

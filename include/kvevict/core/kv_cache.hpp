@@ -309,7 +309,8 @@ class KVCache {
   void check_decode_eviction(const char* where, std::int64_t layer, const DecodeEviction& step) const {
     check_layer(where, layer);
     if (step.probs != nullptr && (step.q_scores == nullptr || step.fresh_from == nullptr))
-      detail::fail<ArgumentError>(where, "step.q_scores", "null", "scores and fresh_from must be set with probs");
+      detail::fail<ArgumentError>(where, step.q_scores == nullptr ? "step.q_scores" : "step.fresh_from", "null",
+                                  "scores and fresh_from must be set with probs");
     if (step.probs != nullptr && step.probs_stride < max_len(layer))
       detail::fail<ShapeError>(where, "step.probs_stride", step.probs_stride,
                                "must be >= the layer's longest head (" + std::to_string(max_len(layer)) + ")");

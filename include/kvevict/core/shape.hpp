@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 #include "kvevict/core/error.hpp"
 
@@ -50,5 +52,23 @@ struct CacheShape {
 
   friend constexpr bool operator==(const CacheShape&, const CacheShape&) = default;
 };
+
+namespace detail {
+// A cache handed to an object built for another shape: ShapeError naming the first field that
+// differs, its value in the cache and the value expected (e.g. a mismatched GQA group).
+[[noreturn]] inline void fail_shape_mismatch(std::string_view where, const CacheShape& expected, const CacheShape& cache) {
+  const auto field = [&](const char* name, std::int64_t got, std::int64_t want) {
+    if (got != want)
+      fail<ShapeError>(where, std::string("cache.shape().") + name, got,
+                       "must be " + std::to_string(want) + ", as in the shape this was built for");
+  };
+  field("num_layers", cache.num_layers, expected.num_layers);
+  field("num_kv_heads", cache.num_kv_heads, expected.num_kv_heads);
+  field("num_q_heads", cache.num_q_heads, expected.num_q_heads);
+  field("head_dim", cache.head_dim, expected.head_dim);
+  field("capacity", cache.capacity, expected.capacity);
+  fail_state<ShapeError>(where, "the cache's shape differs from the one this was built for");
+}
+}  // namespace detail
 
 }  // namespace kvevict

@@ -234,8 +234,7 @@ class CAKE {
   // (prompt <= cache_size + window) or before any prefill. Prefill phase only.
   void rebalance(Cache& cache) {
     constexpr const char* where = "CAKE::rebalance";
-    if (!(cache.shape() == shape_))
-      detail::fail_state<ShapeError>(where, "the cache's shape differs from the one this policy was built for");
+    if (!(cache.shape() == shape_)) detail::fail_shape_mismatch(where, shape_, cache.shape());
     if (decoding_) detail::fail<UnsupportedError>(where, "phase", "decode", "rebalancing is a prefill-time step");
     if (budgets_.num_seen() == 0 || !triggers(prompt_len_)) return;
     const std::int64_t count = budgets_.plan(prompt_len_ - cfg_.window, allocation_);
@@ -341,8 +340,7 @@ class CAKE {
   [[nodiscard]] CakeWorkspace workspace() noexcept { return {ws_rows_.data(), ws_terms_.data(), ws_slots_.data()}; }
 
   void check_cache(const char* where, const Cache& cache, std::int64_t layer) const {
-    if (!(cache.shape() == shape_))
-      detail::fail_state<ShapeError>(where, "the cache's shape differs from the one this policy was built for");
+    if (!(cache.shape() == shape_)) detail::fail_shape_mismatch(where, shape_, cache.shape());
     if (layer < 0 || layer >= shape_.num_layers)
       detail::fail<ArgumentError>(where, "layer", layer, "must be in [0, " + std::to_string(shape_.num_layers) + ")");
   }

@@ -314,8 +314,23 @@ class CpuBackend {
   // Stable in-place gather: slot keep_slots[h, i] moves to slot i. Ascending keep slots make the
   // forward copy safe (source >= destination). K and V move one run of consecutive kept slots at
   // a time (a single memmove when rows are contiguous); positions and extras are gathered per row.
+  // Every head's keep slots are checked before anything moves: strictly ascending live slots (an
+  // out-of-range slot would read outside the head, a repeated or descending one would overwrite a
+  // row before it is read).
   void compact(const LayerView<float>& v, const std::int32_t* keep_slots, const std::int64_t* keep_count,
                std::span<const SlotExtra> extras) const {
+    for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
+      const std::int32_t* keep = keep_slots + h * v.capacity;
+      std::int64_t prev = -1;
+      for (std::int64_t i = 0; i < keep_count[h]; ++i) {
+        if (keep[i] <= prev || keep[i] >= v.lens[h])
+          detail::fail<ArgumentError>("CpuBackend::compact", "keep_slots[" + std::to_string(h) + "][" + std::to_string(i) + "]",
+                                      keep[i],
+                                      "must be a live slot in (" + std::to_string(prev) + ", " + std::to_string(v.lens[h]) +
+                                          "): ascending, each slot once");
+        prev = keep[i];
+      }
+    }
     for (std::int64_t h = 0; h < v.num_kv_heads; ++h) {
       const std::int32_t* keep = keep_slots + h * v.capacity;
       const std::int64_t k = keep_count[h];
@@ -337,6 +352,7 @@ class CpuBackend {
   // rotation, so RoPE(p) followed by this equals RoPE(p + delta)).
   void rotate_keys(const LayerView<float>& v, std::int64_t min_position, std::int64_t delta, const RopeSpec& rope) {
     if (delta == 0) return;
+    rope.check("CpuBackend::rotate_keys", v.head_dim);  // an odd or oversized rotary_dim would write past the row
     const std::int64_t half = rope.rotary_dim / 2;
     for (std::int64_t i = 0; i < half; ++i) {
       const double inv_freq = std::pow(rope.base, -2.0 * static_cast<double>(i) / static_cast<double>(rope.rotary_dim));

@@ -189,9 +189,7 @@ class TopKEvictionPolicy {
 
  private:
   void check_shape(const char* hook, const Cache& cache) const {
-    if (!(cache.shape() == shape_))
-      detail::fail_state<ShapeError>(name_ + "::" + hook,
-                                     "the cache's shape differs from the one this policy was built for");
+    if (!(cache.shape() == shape_)) detail::fail_shape_mismatch(name_ + "::" + hook, shape_, cache.shape());
   }
   // The backend fuses a decode step and the scorer can describe its step as a DecodeEviction.
   static constexpr bool fusing_scorer() {
@@ -239,8 +237,7 @@ class TopKEvictionPolicy {
   // `where` is built once in the constructor: validation runs on every token and must not allocate.
   void check_call(const std::string& where, Cache& cache, std::int64_t layer, const Obs& obs,
                   bool observation_used = true, bool scan_probs = true) {
-    if (!(cache.shape() == shape_))
-      detail::fail_state<ShapeError>(where, "the cache's shape differs from the one this policy was built for");
+    if (!(cache.shape() == shape_)) detail::fail_shape_mismatch(where, shape_, cache.shape());
     if (layer < 0 || layer >= shape_.num_layers)
       detail::fail<ArgumentError>(where, "layer", layer, "must be in [0, " + std::to_string(shape_.num_layers) + ")");
     if (cache.max_len(layer) == 0)
