@@ -195,27 +195,27 @@ void compare_scores_file(const GoldenCase& c, const fs::path& out_dir, const std
     return;
   }
   const auto w = want.as<double>(), g = got.as<double>();
+  // A NaN or infinite score makes `rel` NaN, which no `>` comparison catches: count an element
+  // as bad unless both sides are finite and `rel <= tolerance` holds.
   double worst = 0.0;
-  std::size_t worst_at = 0;
+  std::size_t worst_at = 0, bad = 0, first_bad = w.size();
   for (std::size_t i = 0; i < w.size(); ++i) {
     const double scale = std::max({std::abs(w[i]), std::abs(g[i]), 1e-30});
     const double rel = std::abs(w[i] - g[i]) / scale;
     if (rel > worst) worst = rel, worst_at = i;
+    if (!std::isfinite(w[i]) || !std::isfinite(g[i]) || !(rel <= kFloatTolerance)) {
+      if (bad++ == 0) first_bad = i;
+    }
   }
-  INFO("worst relative difference " << worst << " at flat index " << worst_at);
-  CHECK(worst <= kFloatTolerance);
+  INFO("worst relative difference " << worst << " at flat index " << worst_at << "; first bad element "
+                                    << first_bad << " (kvevict " << (bad ? g[first_bad] : 0.0) << ", official "
+                                    << (bad ? w[first_bad] : 0.0) << ")");
+  CHECK(bad == 0);
 }
 
 // Replays one case into `out_dir` and compares every output the case has. Returns whether it replayed.
-bool check_case(const fs::path& dir, const fs::path& out_dir) {
-  const GoldenCase c(dir);
-  INFO("case " << c.id());
-  try {
-    (void)kvevict::golden::replay<Cache>(c, out_dir);
-  } catch (const std::exception& e) {
-    FAIL_CHECK("replay threw: " << e.what());
-    return false;
-  }
+// Compares every output the case has with what a replay wrote into `out_dir`.
+void compare_outputs(const GoldenCase& c, const fs::path& out_dir) {
   compare_keep_file(c, out_dir, "keep_indices");
   if (c.has("step_keep_indices")) compare_keep_file(c, out_dir, "step_keep_indices");
 
@@ -236,10 +236,24 @@ bool check_case(const fs::path& dir, const fs::path& out_dir) {
       FAIL_CHECK("official output " << file << " has no kvevict counterpart in this test");
   }
   CHECK(outputs > 0);
+}
+
+bool check_case(const fs::path& dir, const fs::path& out_dir) {
+  const GoldenCase c(dir);
+  INFO("case " << c.id());
+  try {
+    (void)kvevict::golden::replay<Cache>(c, out_dir);
+  } catch (const std::exception& e) {
+    FAIL_CHECK("replay threw: " << e.what());
+    return false;
+  }
+  compare_outputs(c, out_dir);
   return true;
 }
 
-void check_set(const std::string& set) {
+// Every case of `set` replays and matches; the count is pinned so a partial or stale golden copy
+// (a case directory missing) fails instead of passing on what is left.
+void check_set(const std::string& set, std::int64_t expected_cases) {
   const fs::path root = kvevict::test::golden_root();
   if (root.empty() || !fs::is_directory(root)) {
     WARN("SKIPPED: golden vectors not found at '" << root.string() << "' (set KVEVICT_GOLDEN_DIR)");
@@ -248,6 +262,7 @@ void check_set(const std::string& set) {
   const std::int64_t present = count_case_dirs(root / set);
   INFO("set " << set << " under " << root.string());
   REQUIRE(present > 0);
+  CHECK(present == expected_cases);
   TempDir tmp(set);
   std::int64_t replayed = 0;
   for (const auto& dir : kvevict::test::list_cases(set))
@@ -279,32 +294,59 @@ std::string read_file(const fs::path& p) {
 
 TEST_CASE("kvevict StreamingLLM reproduces every streaming_llm golden case (StartRecentKVCache)",
           "[golden][streaming_llm]") {
-  check_set("streaming_llm");
+  check_set("streaming_llm", 17);
 }
 
 TEST_CASE("kvevict H2O reproduces every h2o_real_drop golden case step by step (H2OKVCache_LayerWise)",
           "[golden][h2o]") {
-  check_set("h2o_real_drop");
+  check_set("h2o_real_drop", 12);
+}
+
+TEST_CASE("kvevict H2O scoring from the stored queries (its own causal softmax, the query path) reproduces every "
+          "h2o_real_drop golden case step by step",
+          "[golden][h2o]") {
+  const fs::path root = kvevict::test::golden_root();
+  if (root.empty() || !fs::is_directory(root)) {
+    WARN("SKIPPED: golden vectors not found at '" << root.string() << "' (set KVEVICT_GOLDEN_DIR)");
+    return;
+  }
+  TempDir tmp("h2o_from_queries");
+  std::int64_t replayed = 0;
+  for (const auto& dir : kvevict::test::list_cases("h2o_real_drop")) {
+    const GoldenCase c(dir);
+    INFO("case " << c.id());
+    const fs::path out = tmp.path() / dir.filename();
+    try {
+      const auto r = kvevict::golden::replay_h2o_real_drop_from<Cache>(c, kvevict::golden::AttentionSource::queries);
+      kvevict::golden::write_outputs(c, r, out);
+    } catch (const std::exception& e) {
+      FAIL_CHECK("replay threw: " << e.what());
+      continue;
+    }
+    compare_outputs(c, out);
+    ++replayed;
+  }
+  CHECK(replayed == 12);
 }
 
 TEST_CASE("kvevict StreamingLLM reproduces every kvfactory_streamingllm golden case (StreamingLLMKVCluster)",
           "[golden][streaming_llm][kvfactory]") {
-  check_set("kvfactory_streamingllm");
+  check_set("kvfactory_streamingllm", 6);
 }
 
 TEST_CASE("kvevict StreamingLLM reproduces every kvpress_streamingllm golden case (StreamingLLMPress)",
           "[golden][streaming_llm][kvpress]") {
-  check_set("kvpress_streamingllm");
+  check_set("kvpress_streamingllm", 3);
 }
 
 TEST_CASE("kvevict H2O reproduces every kvfactory_h2o golden case (H2OKVCluster, causal mask fixed)",
           "[golden][h2o][kvfactory]") {
-  check_set("kvfactory_h2o");
+  check_set("kvfactory_h2o", 8);
 }
 
 TEST_CASE("kvevict H2O with replay-computed legacy masks reproduces every kvfactory_h2o_legacy2024 golden case",
           "[golden][h2o][kvfactory]") {
-  check_set("kvfactory_h2o_legacy2024");
+  check_set("kvfactory_h2o_legacy2024", 4);
 }
 
 TEST_CASE("kvevict-replay writes the official keep set and exits 2 on bad usage", "[golden][cli]") {
@@ -313,9 +355,14 @@ TEST_CASE("kvevict-replay writes the official keep set and exits 2 on bad usage"
     WARN("SKIPPED: golden vectors not found at '" << root.string() << "' (set KVEVICT_GOLDEN_DIR)");
     return;
   }
-  const auto cases = kvevict::test::list_cases("h2o_real_drop");
-  REQUIRE(!cases.empty());
-  const fs::path case_dir = cases.front();
+  // The first case with decode steps, so the program's step keep-sets and scores are checked too.
+  fs::path case_dir;
+  for (const auto& dir : kvevict::test::list_cases("h2o_real_drop"))
+    if (GoldenCase(dir).has("attn_decode_lens")) {
+      case_dir = dir;
+      break;
+    }
+  REQUIRE(!case_dir.empty());
   INFO("case " << case_dir.string());
   TempDir tmp("cli");
   const fs::path out = tmp.path() / "out", log = tmp.path() / "log.txt";
@@ -323,11 +370,14 @@ TEST_CASE("kvevict-replay writes the official keep set and exits 2 on bad usage"
   const int rc = run_cli(quoted(case_dir) + " " + quoted(out) + " --backend cpu", log);
   INFO("output: " << read_file(log));
   REQUIRE(rc == 0);
+  const GoldenCase c(case_dir);
   const NpyArray got = kvevict::test::load_npy(out / "keep_indices.npy");
-  const NpyArray want = GoldenCase(case_dir).load("keep_indices");
+  const NpyArray want = c.load("keep_indices");
   CHECK(got.dtype == want.dtype);
   CHECK(got.shape == want.shape);
   CHECK(got.as<std::int64_t>() == want.as<std::int64_t>());
+  REQUIRE(c.has("step_keep_indices"));
+  compare_outputs(c, out);  // step keep-sets, K/V rows and accumulated scores as the program wrote them
 
   CHECK(run_cli(quoted(case_dir) + " " + quoted(out) + " --no-such-option", log) == 2);
   CHECK(read_file(log).find("unknown option") != std::string::npos);

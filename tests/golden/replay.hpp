@@ -500,8 +500,13 @@ ReplayResult replay_streaming_llm(const GoldenCase& c) {
 // positions, then the new token); kvevict's slot order differs after decode-time evictions (the
 // newcomer takes the victim's slot), so each row is permuted into kvevict's slot order through
 // cache.positions(): an engine always supplies probabilities in its own slot order.
+// Where h2o_real_drop's attention comes from: the stored probabilities, as the official code was
+// fed them, or kvevict's own causal softmax of the stored queries (golden README: "consume them
+// directly or recompute them from queries"), which takes H2O's query path through the library.
+enum class AttentionSource { stored_probs, queries };
+
 template <class Cache>
-ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
+ReplayResult replay_h2o_real_drop_from(const GoldenCase& c, AttentionSource source) {
   using namespace impl;
   ReplayResult r = new_result(c, "h2o_real_drop");
   const Shapes s = read_shapes(c);
@@ -533,7 +538,19 @@ ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
   for (std::int64_t l = 0; l < s.layers; ++l) {
     const std::string ls = std::to_string(l);
     append_tokens(cache, l, u.in, u.head_map, 0, s0);
-    {
+    // [head, seq, head_dim]: the layer's query rows, read only when the replay scores from them.
+    const std::vector<float> layer_q = source == AttentionSource::queries ? load_layer_queries(c, s, l) : std::vector<float>{};
+    const auto query_rows = [&](std::int64_t first, std::int64_t n) {  // [head, n, head_dim] from position `first`
+      std::vector<float> q(static_cast<std::size_t>(H * n * s.head_dim));
+      for (std::int64_t h = 0; h < H; ++h)
+        std::copy_n(layer_q.begin() + (h * s.seq_len + first) * s.head_dim, n * s.head_dim,
+                    q.begin() + h * n * s.head_dim);
+      return q;
+    };
+    if (source == AttentionSource::queries) {
+      Uploaded<Cache> q(cache, query_rows(0, s0));
+      policy.on_prefill(cache, l, Obs<Cache>::from_queries(q.span(), s0));
+    } else {
       // Prefill rows [head, S0, S0]: kvevict's slots are positions 0..S0-1 here, as officially.
       Uploaded<Cache> probs(cache, load_f32(c, "attn_prefill_l" + ls, {1, H, s0, s0}));
       policy.on_prefill(cache, l, Obs<Cache>::from_probs(probs.span(), s0, s0));
@@ -581,8 +598,13 @@ ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
           probs[static_cast<std::size_t>(h * len) + slot] = row[j];
         }
       }
-      Uploaded<Cache> dp(cache, probs);
-      policy.on_decode(cache, l, Obs<Cache>::from_probs(dp.span(), 1, len));
+      if (source == AttentionSource::queries) {
+        Uploaded<Cache> q(cache, query_rows(new_pos, 1));
+        policy.on_decode(cache, l, Obs<Cache>::from_queries(q.span(), 1));
+      } else {
+        Uploaded<Cache> dp(cache, probs);
+        policy.on_decode(cache, l, Obs<Cache>::from_probs(dp.span(), 1, len));
+      }
       r.step_keep[static_cast<std::size_t>(t)].push_back(kept_positions(cache, l));
     }
   }
@@ -603,6 +625,11 @@ ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
     r.tensors["out_hh_score_l" + std::to_string(l)] = std::move(sc);
   }
   return r;
+}
+
+template <class Cache>
+ReplayResult replay_h2o_real_drop(const GoldenCase& c) {
+  return replay_h2o_real_drop_from<Cache>(c, AttentionSource::stored_probs);
 }
 
 // KVCache-Factory StreamingLLMKVCluster (README §6.3): keeps [0, C - w) and the last w when S >= C.
