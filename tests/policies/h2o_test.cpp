@@ -359,6 +359,39 @@ TEST_CASE("H2O's max aggregation is the max over q-heads of accumulated scores, 
   run.require_matches_reference(0.0);
 }
 
+TEST_CASE("H2O's defaults are the official class's (hh_size 4, recent_size 512) with the spec's mean over a GQA "
+          "group, which ranks and reports scores as mean does, not as max or sum",
+          "[policies][h2o]") {
+  const H2OConfig defaults;
+  CHECK(defaults.num_heavy == 4);
+  CHECK(defaults.num_recent == 512);
+  CHECK(defaults.group_agg == GroupAgg::mean);
+  CHECK(defaults.schedule == Schedule::prefill_and_every_step);
+
+  // The max-aggregation scenario above with the aggregation left at its default. Accumulated
+  // q-head scores after the decode step: b (position 0) {3/8, 0}, a (position 1) {1/4, 1/4}.
+  // mean: a 1/4 > b 3/16 keeps a; max would keep b; sum ranks as mean but reports a as 1/2.
+  const CacheShape shape{1, 1, 2, 4, 8};
+  H2OConfig cfg;
+  cfg.num_heavy = 1;
+  cfg.num_recent = 1;
+  H2OHarness run(shape, cfg, 3);
+  run.step_with_probs(2, [](std::int64_t qh, std::int64_t i, std::int64_t visible) {
+    ref::Vec row(static_cast<std::size_t>(visible), 0.0);
+    if (qh == 0 && i == 1) row = {0.375, 0.25};
+    return row;
+  });
+  run.step_with_probs(1, [](std::int64_t qh, std::int64_t, std::int64_t visible) {
+    ref::Vec row(static_cast<std::size_t>(visible), 0.0);
+    if (qh == 1) row[1] = 0.25;
+    return row;
+  });
+  REQUIRE(kept(run.cache(), 0, 0) == ref::Positions{1, 2});
+  const auto pos = run.cache().positions(0, 0);
+  const auto slot_a = std::find(pos.begin(), pos.end(), 1) - pos.begin();
+  CHECK(run.policy().scorer().kv_scores(run.cache(), 0)[slot_a] == 0.25f);
+}
+
 TEST_CASE("H2O's decode eviction puts the new token into the victim's slot and leaves every other slot in place",
           "[policies][h2o]") {
   const CacheShape shape{1, 2, 2, 4, 9};

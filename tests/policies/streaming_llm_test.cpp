@@ -147,10 +147,14 @@ TEST_CASE("StreamingLLM make_room on a trimmed streaming cache equals evict_for_
     for (auto i : ref_slots) want.push_back(before[static_cast<std::size_t>(i)]);
     REQUIRE(kept(cache, 0, 0) == want);
     if (n > 0) {
+      const std::int64_t next = cache.next_position(0);
       test::append_source(cache, seed, 0, n);  // fits: make_room left room for the whole turn
+      for (std::int64_t p = next; p < next + n; ++p) want.push_back(p);
+      REQUIRE(kept(cache, 0, 0) == want);
       REQUIRE(cache.len(0, 0) <= sink + recent + std::max<std::int64_t>(0, n - recent));
     }
     cache.check_invariants();
+    require_rows_intact(cache, seed);
   }
 }
 
