@@ -351,6 +351,27 @@ TEST_CASE("select_victims picks the unprotected entry with the lowest score, tie
           if (worse) want = static_cast<std::int32_t>(j);
         }
         REQUIRE(victims[static_cast<std::size_t>(h)] == want);
+        // Independently: without NaNs the victim is the one entry ref::topk_keep drops when it keeps
+        // all but one unprotected entry (score desc, then position asc).
+        ref::Vec s;
+        ref::Positions p;
+        bool has_nan = false;
+        std::int64_t unprotected = 0;
+        for (std::int64_t j = 0; j < t.len(h); ++j) {
+          const float sj = scores[static_cast<std::size_t>(h * t.capacity + j)];
+          has_nan = has_nan || std::isnan(sj);
+          s.push_back(with_scores ? static_cast<double>(sj) : static_cast<double>(t.pos(h, j)));  // recency: newest kept
+          p.push_back(t.pos(h, j));
+          unprotected += rule.protects(t.pos(h, j)) ? 0 : 1;
+        }
+        if ((with_scores && has_nan) || unprotected == 0) continue;
+        const auto kept = ref::topk_keep(s, p, unprotected - 1, rule.sink_end, rule.recent_begin);
+        REQUIRE(kept.size() == p.size() - 1);
+        const std::int32_t victim = victims[static_cast<std::size_t>(h)];
+        INFO("with_scores " << with_scores << " kv_head " << h << " victim slot " << victim << " score "
+                            << scores[static_cast<std::size_t>(h * t.capacity + victim)] << " position " << t.pos(h, victim));
+        REQUIRE(victim >= 0);
+        REQUIRE_FALSE(std::binary_search(kept.begin(), kept.end(), t.pos(h, victim)));
       }
     }
   }
@@ -444,11 +465,18 @@ TEST_CASE("compact gathers the kept slots in order (stable) and moves K, V, posi
           REQUIRE(extra_g[static_cast<std::size_t>((h * g + r) * t.capacity + i)] ==
                   eg_before[static_cast<std::size_t>((h * g + r) * t.capacity + src)]);
       }
-    // Slot padding and head padding are never written.
+    // Slot padding is never written, in K or in V.
     for (std::int64_t h = 0; h < t.num_kv_heads; ++h)
       for (std::int64_t j = 0; j < t.capacity; ++j)
-        for (std::int64_t c = t.head_dim; c < t.slot_stride; ++c)
+        for (std::int64_t c = t.head_dim; c < t.slot_stride; ++c) {
           REQUIRE(std::isnan(t.key(h, j)[c]));
+          REQUIRE(std::isnan(t.value(h, j)[c]));
+        }
+    for (std::int64_t h = 0; h < t.num_kv_heads; ++h)  // nor the padding after each head
+      for (std::int64_t i = t.capacity * t.slot_stride; i < t.head_stride; ++i) {
+        REQUIRE(std::isnan(t.keys[static_cast<std::size_t>(h * t.head_stride + i)]));
+        REQUIRE(std::isnan(t.values[static_cast<std::size_t>(h * t.head_stride + i)]));
+      }
   }
 }
 
@@ -472,8 +500,9 @@ TEST_CASE("replace_with_last moves the newest slot into each victim's slot with 
     auto bad = victims;
     bad.back() = static_cast<std::int32_t>(t.len(t.num_kv_heads - 1));  // one past the live slots
     test::require_throws_exactly<ArgumentError>([&] { b.replace_with_last(t.view(), bad.data(), extras); }, "victims[");
-    // Keys hold NaN padding, so compare bytes.
+    // Keys and values hold NaN padding, so compare bytes.
     REQUIRE(std::memcmp(t.keys.data(), old.keys.data(), t.keys.size() * sizeof(float)) == 0);
+    REQUIRE(std::memcmp(t.values.data(), old.values.data(), t.values.size() * sizeof(float)) == 0);
     REQUIRE(t.positions == old.positions);
     REQUIRE(extra == extra_before);
 
