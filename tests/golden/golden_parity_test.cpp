@@ -213,7 +213,6 @@ void compare_scores_file(const GoldenCase& c, const fs::path& out_dir, const std
   CHECK(bad == 0);
 }
 
-// Replays one case into `out_dir` and compares every output the case has. Returns whether it replayed.
 // Compares every output the case has with what a replay wrote into `out_dir`.
 void compare_outputs(const GoldenCase& c, const fs::path& out_dir) {
   compare_keep_file(c, out_dir, "keep_indices");
@@ -238,11 +237,22 @@ void compare_outputs(const GoldenCase& c, const fs::path& out_dir) {
   CHECK(outputs > 0);
 }
 
-bool check_case(const fs::path& dir, const fs::path& out_dir) {
+// How a case is replayed into `out_dir`: the dispatch table (kvevict-replay's path) by default.
+using ReplayInto = void (*)(const GoldenCase&, const fs::path&);
+void replay_dispatched(const GoldenCase& c, const fs::path& out_dir) { (void)kvevict::golden::replay<Cache>(c, out_dir); }
+
+// h2o_real_drop scored from the stored queries: H2O's query path through the library.
+void replay_h2o_from_queries(const GoldenCase& c, const fs::path& out_dir) {
+  const auto r = kvevict::golden::replay_h2o_real_drop_from<Cache>(c, kvevict::golden::AttentionSource::queries);
+  kvevict::golden::write_outputs(c, r, out_dir);
+}
+
+// Replays one case into `out_dir` and compares every output the case has. Returns whether it replayed.
+bool check_case(const fs::path& dir, const fs::path& out_dir, ReplayInto replay) {
   const GoldenCase c(dir);
   INFO("case " << c.id());
   try {
-    (void)kvevict::golden::replay<Cache>(c, out_dir);
+    replay(c, out_dir);
   } catch (const std::exception& e) {
     FAIL_CHECK("replay threw: " << e.what());
     return false;
@@ -253,7 +263,7 @@ bool check_case(const fs::path& dir, const fs::path& out_dir) {
 
 // Every case of `set` replays and matches; the count is pinned so a partial or stale golden copy
 // (a case directory missing) fails instead of passing on what is left.
-void check_set(const std::string& set, std::int64_t expected_cases) {
+void check_set(const std::string& set, std::int64_t expected_cases, ReplayInto replay = replay_dispatched) {
   const fs::path root = kvevict::test::golden_root();
   if (root.empty() || !fs::is_directory(root)) {
     WARN("SKIPPED: golden vectors not found at '" << root.string() << "' (set KVEVICT_GOLDEN_DIR)");
@@ -266,7 +276,7 @@ void check_set(const std::string& set, std::int64_t expected_cases) {
   TempDir tmp(set);
   std::int64_t replayed = 0;
   for (const auto& dir : kvevict::test::list_cases(set))
-    if (check_case(dir, tmp.path() / dir.filename())) ++replayed;
+    if (check_case(dir, tmp.path() / dir.filename(), replay)) ++replayed;
   CHECK(replayed == present);
 }
 
@@ -305,28 +315,7 @@ TEST_CASE("kvevict H2O reproduces every h2o_real_drop golden case step by step (
 TEST_CASE("kvevict H2O scoring from the stored queries (its own causal softmax, the query path) reproduces every "
           "h2o_real_drop golden case step by step",
           "[golden][h2o]") {
-  const fs::path root = kvevict::test::golden_root();
-  if (root.empty() || !fs::is_directory(root)) {
-    WARN("SKIPPED: golden vectors not found at '" << root.string() << "' (set KVEVICT_GOLDEN_DIR)");
-    return;
-  }
-  TempDir tmp("h2o_from_queries");
-  std::int64_t replayed = 0;
-  for (const auto& dir : kvevict::test::list_cases("h2o_real_drop")) {
-    const GoldenCase c(dir);
-    INFO("case " << c.id());
-    const fs::path out = tmp.path() / dir.filename();
-    try {
-      const auto r = kvevict::golden::replay_h2o_real_drop_from<Cache>(c, kvevict::golden::AttentionSource::queries);
-      kvevict::golden::write_outputs(c, r, out);
-    } catch (const std::exception& e) {
-      FAIL_CHECK("replay threw: " << e.what());
-      continue;
-    }
-    compare_outputs(c, out);
-    ++replayed;
-  }
-  CHECK(replayed == 12);
+  check_set("h2o_real_drop", 12, replay_h2o_from_queries);
 }
 
 TEST_CASE("kvevict StreamingLLM reproduces every kvfactory_streamingllm golden case (StreamingLLMKVCluster)",

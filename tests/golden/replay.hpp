@@ -494,17 +494,17 @@ ReplayResult replay_streaming_llm(const GoldenCase& c) {
   return r;
 }
 
+// Where h2o_real_drop's attention comes from: the stored probabilities, as the official code was
+// fed them, or kvevict's own causal softmax of the stored queries (golden README: "consume them
+// directly or recompute them from queries"), which takes H2O's query path through the library.
+enum class AttentionSource { stored_probs, queries };
+
 // FMInference/H2O H2OKVCache_LayerWise real-drop (README §6.2): prefill with the stored causal
 // attention, then T decode steps, each appending the token and observing its attention row. The
 // official rows follow the official cache's slot order, which is positional (previous step's kept
 // positions, then the new token); kvevict's slot order differs after decode-time evictions (the
 // newcomer takes the victim's slot), so each row is permuted into kvevict's slot order through
 // cache.positions(): an engine always supplies probabilities in its own slot order.
-// Where h2o_real_drop's attention comes from: the stored probabilities, as the official code was
-// fed them, or kvevict's own causal softmax of the stored queries (golden README: "consume them
-// directly or recompute them from queries"), which takes H2O's query path through the library.
-enum class AttentionSource { stored_probs, queries };
-
 template <class Cache>
 ReplayResult replay_h2o_real_drop_from(const GoldenCase& c, AttentionSource source) {
   using namespace impl;
